@@ -1,0 +1,116 @@
+"""Pieces shared by the tasks: run set-up, step counting, padded eval passes, PNG helpers."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image, ImageDraw
+
+from beitv2_jax.data import sources
+from beitv2_jax.train import sharding
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"config.dtype must be one of {tuple(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Create ``workdir``; write ``config.json``; refuse a workdir that holds a run with another config."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json_best_effort(sort_keys=True))
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous != current and not config.get("allow_config_change", False):
+            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+            raise ValueError(f"workdir {workdir} holds a run with a different config (sections differing: "
+                             f"{', '.join(changed)}); use another --workdir or pass "
+                             f"--config.allow_config_change=True to continue anyway")
+    if jax.process_index() == 0:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(current, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+
+def num_examples(data_config, split: str) -> int:
+    return len(sources.open_source(data_config.dataset, split, data_config.data_dir))
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+    """``config.steps_per_epoch`` if set, else ``len(train split) // batch_size`` (the official count)."""
+    if config.get("steps_per_epoch"):
+        return int(config.steps_per_epoch)
+    n = num_examples(config.data, config.data.train_split)
+    if n < config.batch_size:
+        raise ValueError(f"the train split has {n} images, fewer than config.batch_size={config.batch_size}")
+    return n // config.batch_size
+
+
+def padded_batches(iterator: Iterator[dict], batch_size: int) -> Iterator[tuple[dict, np.ndarray]]:
+    """Pad the (possibly short) last batch to ``batch_size``; yields ``(batch, valid [batch_size] bool)``."""
+    for batch in iterator:
+        n = len(next(iter(batch.values())))
+        valid = np.arange(batch_size) < n
+        if n < batch_size:
+            batch = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)]) for k, v in batch.items()}
+        yield batch, valid
+
+
+def eval_pass(fn: Callable, iterator: Iterator[dict], batch_size: int, mesh) -> list:
+    """Apply jitted ``fn(batch) -> pytree of [batch, ...]`` to every padded eval batch; returns host arrays
+    with the padding removed, one list entry per batch."""
+    outputs = []
+    for batch, valid in padded_batches(iterator, batch_size):
+        out = jax.device_get(fn(sharding.to_global_batch(batch, mesh)))
+        outputs.append(jax.tree.map(lambda x: np.asarray(x)[valid], out))
+    return outputs
+
+
+def usage_histogram_png(counts: np.ndarray, path: str, title: str = "code usage") -> np.ndarray:
+    """Bar chart of per-code counts sorted in decreasing order → PNG at ``path``; returns the image array."""
+    counts = np.sort(np.asarray(counts, np.float64))[::-1]
+    width, height, margin = 640, 240, 20
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    top = counts.max() if counts.size and counts.max() > 0 else 1.0
+    k = len(counts)
+    for i, c in enumerate(counts):
+        x = margin + int(i * (width - 2 * margin) / max(k, 1))
+        y = height - margin - int((height - 2 * margin - 12) * c / top)
+        draw.line([(x, height - margin), (x, y)], fill=(40, 90, 200))
+    used = int((counts > 0).sum())
+    draw.text((margin, 2), f"{title}: {used}/{k} codes used ({100.0 * used / max(k, 1):.1f}%)", fill="black")
+    image.save(path)
+    return np.asarray(image)
+
+
+def token_map_png(images: np.ndarray, tokens: np.ndarray, path: str, num_codes: int) -> np.ndarray:
+    """Each image (``[n, H, W, 3]`` in [0, 1]) next to its token map (``[n, h, w]`` ids, one colour per code)."""
+    n, hgt, wid, _ = images.shape
+    palette = np.random.default_rng(0).integers(30, 256, size=(num_codes, 3)).astype(np.uint8)
+    cell = max(hgt, 96)
+    canvas = Image.new("RGB", (2 * cell + 8, n * (cell + 8)), "white")
+    for i in range(n):
+        img = Image.fromarray((np.clip(images[i], 0, 1) * 255).astype(np.uint8)).resize((cell, cell), Image.NEAREST)
+        tok = Image.fromarray(palette[tokens[i]]).resize((cell, cell), Image.NEAREST)
+        canvas.paste(img, (0, i * (cell + 8)))
+        canvas.paste(tok, (cell + 8, i * (cell + 8)))
+    canvas.save(path)
+    return np.asarray(canvas)
+
+
+def log_header(name: str, config: ml_collections.ConfigDict, workdir: str) -> None:
+    logging.info("task %s: workdir=%s devices=%d (%s) processes=%d", name, workdir, jax.device_count(),
+                 jax.devices()[0].platform, jax.process_count())

@@ -1,0 +1,199 @@
+"""Task ``demo``: teacher → VQ-KD tokenizer → BEiT v2 pretraining → k-NN evaluation, each in a sub-folder.
+
+A finished stage (its exported model exists) is skipped, an interrupted one resumes from its checkpoint, so
+re-running the command continues the demo. Ends with a summary table (also ``summary.json``) and PNGs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from beitv2_jax.data import pipeline
+from beitv2_jax.models import teachers as teachers_lib
+from beitv2_jax.models import vit
+from beitv2_jax.train import sharding
+from beitv2_jax.train.tasks import common, knn, pretrain, vqkd
+
+TEACHER_NAME = "random-init ViT (fixed feature extractor)"
+
+
+def teacher_vit(config) -> vit.VisionTransformer:
+    t = config.teacher_model
+    return vit.VisionTransformer(image_size=config.data.input_size, patch_size=t.patch_size, width=t.width,
+                                 depth=t.depth, num_heads=t.num_heads, qkv_bias="full", use_abs_pos=True,
+                                 use_final_norm=True, pooling="cls")
+
+
+def make_teacher(config, directory: str) -> None:
+    """Stage 1: save a random-init ViT as one of our checkpoints (kind ``vit``)."""
+    from beitv2_jax.convert import store
+
+    model = teacher_vit(config)
+    size = config.data.input_size
+    params = model.init(jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, size, size, 3)))["params"]
+    fields = {f: getattr(model, f) for f in ("image_size", "patch_size", "width", "depth", "num_heads", "qkv_bias",
+                                             "use_abs_pos", "use_final_norm", "pooling")}
+    store.save_variables(directory, {"params": jax.device_get(params)}, "vit", fields)
+
+
+def stage_config(stage: ml_collections.ConfigDict, config: ml_collections.ConfigDict, **overrides):
+    c = stage.copy_and_resolve_references()
+    with c.unlocked():
+        c.seed = config.seed
+        c.data = config.data.copy_and_resolve_references()
+        c.mesh = config.mesh.copy_and_resolve_references()
+        c.allow_config_change = config.allow_config_change
+        for path, value in overrides.items():
+            section, key = path.split(".")
+            c[section][key] = value
+    return c
+
+
+def beit_features(model_cfg: dict, params, pooling: str):
+    """A feature function ``images → [B, D]`` for a BEiT pretraining model's backbone + final norm."""
+    model = pretrain.build_model(model_cfg)
+    bb = model.backbone
+
+    def features(images):
+        out = bb.apply({"params": params["backbone"]}, images)
+        x = teachers_lib._layer_norm(out["pre_norm"], params["norm"]["scale"], params["norm"]["bias"],
+                                     bb.layer_norm_eps)
+        return x[:, 0] if pooling == "cls" else x[:, 1:].mean(1)
+
+    return features, bb
+
+
+def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_dir: str, mesh) -> dict:
+    from beitv2_jax.convert import store
+
+    data = config.data
+    batch = config.batch_size
+    results = {}
+
+    def knn_of(name, feature_fn):
+        tr = knn.extract_features(feature_fn, data, data.train_split, batch, mesh)
+        te = knn.extract_features(feature_fn, data, data.eval_split, batch, mesh)
+        num_classes = int(max(tr[1].max(), te[1].max())) + 1
+        results[name] = knn.knn_accuracy(*tr, *te, num_classes, config.eval.knn_k, config.eval.knn_temperature)
+
+    teacher, teacher_params = teachers_lib.teacher_from_checkpoint("vit_checkpoint", teacher_dir)
+    knn_of(f"teacher: {TEACHER_NAME}", lambda x: teacher.features(teacher_params, x).mean(1))
+
+    variables, _, model_cfg = store.load_variables(model_dir)
+    for pooling in ("cls", "mean"):
+        fn, _ = beit_features(model_cfg, variables["params"], pooling)
+        knn_of(f"BEiT v2 encoder ({pooling})", fn)
+    model = pretrain.build_model(model_cfg)
+    size, n = data.input_size, model.backbone.num_patches
+    mask = jnp.zeros((1, n), bool).at[:, :data.num_masked_patches].set(True)
+    random_params = model.init(jax.random.PRNGKey(config.seed + 7), jnp.zeros((1, size, size, 3)), mask)["params"]
+    for pooling in ("cls", "mean"):
+        fn, _ = beit_features(model_cfg, random_params, pooling)
+        knn_of(f"same encoder, random init ({pooling})", fn)
+
+    # Token maps of a few test images and the code usage over the test split.
+    tokenizer, tok_vars = vqkd.load_tokenizer(tokenizer_dir)
+    iterator = pipeline.make_eval_iterator(data, batch, normalize_image=False)
+    index_fn = jax.jit(lambda b: {"ids": tokenizer.apply(tok_vars, b["image"], method="get_codebook_indices"),
+                                  "image": b["image"]})
+    outs = common.eval_pass(index_fn, iterator, batch, mesh)
+    ids = np.concatenate([o["ids"] for o in outs])
+    counts = np.bincount(ids.reshape(-1), minlength=tokenizer.num_codes)
+    common.usage_histogram_png(counts, os.path.join(workdir, "codebook_usage.png"), "test-split code usage")
+    k = config.eval.num_token_maps
+    h, w = tokenizer.encoder.window
+    common.token_map_png(outs[0]["image"][:k], ids[:k].reshape(-1, h, w), os.path.join(workdir, "token_maps.png"),
+                         tokenizer.num_codes)
+    results["tokenizer"] = {"test_codebook_usage": float((counts > 0).mean() * 100),
+                            "num_codes": int(tokenizer.num_codes)}
+    return results
+
+
+def final_metrics(workdir: str) -> dict:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    last = {}
+    for row in (json.loads(line) for line in open(path, encoding="utf-8") if line.strip()):
+        last.update(row)
+    return last
+
+
+def print_summary(results: dict, stage_times: dict, workdir: str) -> str:
+    lines = ["", "=" * 72, "beitv2_jax demo summary", "=" * 72]
+    for stage, seconds in stage_times.items():
+        lines.append(f"  stage {stage:<10} {seconds:8.1f} s")
+    v = results.get("vqkd", {})
+    if v:
+        lines.append(f"  VQ-KD: rec_loss {v.get('first_rec_loss', float('nan')):.4f} -> {v.get('rec_loss', float('nan')):.4f}"
+                     f", eval code usage {100 * v.get('eval/codebook_usage', float('nan')):.1f}%")
+    p = results.get("pretrain", {})
+    if p:
+        lines.append(f"  BEiT v2: loss {p.get('first_loss', float('nan')):.3f} -> {p.get('loss', float('nan')):.3f}, "
+                     f"mlm_acc_1 {p.get('mlm_acc_1', float('nan')):.3f}, mlm_acc_2 {p.get('mlm_acc_2', float('nan')):.3f}")
+    lines.append(f"  {'k-NN on the test split (k=20, T=0.07)':<48} {'top-1':>8} {'top-5':>8}")
+    for name, r in results.get("knn", {}).items():
+        lines.append(f"  {name:<48} {r['knn_top1']:8.2f} {r['knn_top5']:8.2f}")
+    t = results.get("tokenizer", {})
+    if t:
+        lines.append(f"  tokenizer test-split code usage: {t['test_codebook_usage']:.1f}% of {t['num_codes']} codes")
+    lines.append(f"  PNGs: {os.path.join(workdir, 'token_maps.png')}, {os.path.join(workdir, 'codebook_usage.png')}")
+    lines.append("=" * 72)
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def _first_and_last(workdir: str, key: str) -> dict:
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()] if os.path.exists(path) else []
+    values = [r[key] for r in rows if key in r]
+    return {f"first_{key}": values[0]} if values else {}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+    common.log_header("demo", config, workdir)
+    common.prepare_workdir(config, workdir)
+    mesh = sharding.make_mesh(config.get("mesh"))
+    times = {}
+    teacher_dir = os.path.join(workdir, "teacher")
+    vqkd_dir = os.path.join(workdir, "vqkd")
+    tokenizer_dir = os.path.join(vqkd_dir, "tokenizer")
+    pretrain_dir = os.path.join(workdir, "pretrain")
+    model_dir = os.path.join(pretrain_dir, "model")
+
+    start = time.perf_counter()
+    if not os.path.exists(teacher_dir):
+        make_teacher(config, teacher_dir)
+    times["teacher"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if not os.path.exists(tokenizer_dir):
+        vqkd.run(stage_config(config.vqkd, config, **{"teacher.checkpoint": teacher_dir}), vqkd_dir)
+    times["vqkd"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if not os.path.exists(model_dir):
+        pretrain.run(stage_config(config.pretrain, config, **{"tokenizer.checkpoint": tokenizer_dir}), pretrain_dir)
+    times["pretrain"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    results = {"knn": evaluate(config, workdir, teacher_dir, tokenizer_dir, model_dir, mesh)}
+    results["tokenizer"] = results["knn"].pop("tokenizer")
+    times["eval"] = time.perf_counter() - start
+    results["vqkd"] = {**final_metrics(vqkd_dir), **_first_and_last(vqkd_dir, "rec_loss")}
+    results["pretrain"] = {**final_metrics(pretrain_dir), **_first_and_last(pretrain_dir, "loss")}
+    results["stage_seconds"] = times
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+        print_summary(results, times, workdir)
+    logging.info("demo finished")
+    return results

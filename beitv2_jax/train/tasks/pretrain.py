@@ -1,0 +1,130 @@
+"""Task ``pretrain``: BEiT v2 masked image modeling against a frozen VQ-KD tokenizer.
+
+Per step: labels = tokenizer codes of the tokenizer view (inside the jitted step); the backbone sees the
+ImageNet-normalised view with the block-wise mask; loss = CE(final layer) + CE(patch-aggregation branch) over
+the ``num_masked_patches`` masked positions. The pretrained model is written to ``<workdir>/model``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+
+from beitv2_jax.data import pipeline
+from beitv2_jax.models import beit as beit_lib
+from beitv2_jax.train import checkpoint as ckpt_lib
+from beitv2_jax.train import loop, optim, sharding
+from beitv2_jax.train import state as state_lib
+from beitv2_jax.train.metrics import MetricsWriter
+from beitv2_jax.train.tasks import common
+from beitv2_jax.train.tasks.vqkd import load_tokenizer
+
+BACKBONE_KEYS = ("patch_size", "width", "depth", "num_heads", "mlp_ratio", "layer_scale_init", "drop_path_rate",
+                 "init_std", "init_truncation", "attention_impl", "remat_policy")
+
+
+def model_config(config: ml_collections.ConfigDict) -> dict:
+    """The dict that rebuilds the model with ``build_model`` (stored next to its weights)."""
+    m = config.model
+    backbone = {k: m[k] for k in BACKBONE_KEYS if k in m}
+    backbone.update(image_size=config.data.input_size)
+    return {"backbone": backbone, "vocab_size": m.vocab_size, "num_masked_patches": config.data.num_masked_patches,
+            "early_layers": m.early_layers, "head_layers": m.head_layers, "dtype": config.get("dtype", "float32")}
+
+
+def build_model(cfg: dict) -> beit_lib.BEiTPretrainModel:
+    backbone = dict(cfg["backbone"])
+    backbone["dtype"] = common.compute_dtype(cfg.get("dtype", "float32"))
+    return beit_lib.BEiTPretrainModel(backbone=beit_lib.beit_backbone(**backbone), vocab_size=cfg["vocab_size"],
+                                      num_masked_patches=cfg["num_masked_patches"],
+                                      early_layers=cfg["early_layers"], head_layers=cfg["head_layers"])
+
+
+def mim_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy and accuracy of ``logits [B, K, V]`` against ``labels [B, K]``."""
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+    acc = (jnp.argmax(logits, -1) == labels).astype(jnp.float32).mean()
+    return loss, acc
+
+
+def make_train_step(model: beit_lib.BEiTPretrainModel, tokenizer, tx, schedule):
+    def loss_fn(params, batch, labels, rng):
+        out = model.apply({"params": params}, batch["image"], batch["mask"], train=True, rngs={"dropout": rng})
+        masked_labels = beit_lib.gather_tokens(labels, out["positions"])
+        loss_1, acc_1 = mim_loss(out["logits_1"], masked_labels)
+        metrics = {"loss_1": loss_1, "mlm_acc_1": acc_1}
+        loss = loss_1
+        if "logits_2" in out:
+            loss_2, acc_2 = mim_loss(out["logits_2"], masked_labels)
+            metrics.update(loss_2=loss_2, mlm_acc_2=acc_2)
+            loss = loss + loss_2
+        return loss, metrics
+
+    def train_step(state: state_lib.TrainState, batch: dict, tokenizer_variables):
+        labels = tokenizer.apply(tokenizer_variables, batch["tokenizer_image"], method="get_codebook_indices")
+        rng = state_lib.step_rng(state, "dropout")
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, labels, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & optim.is_finite_tree(grads)
+        bad_steps = jnp.where(finite, 0, state.extra["bad_steps"] + 1)
+        updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                extra={**state.extra, "bad_steps": bad_steps})
+        skipped = state.replace(step=state.step + 1, extra={**state.extra, "bad_steps": bad_steps})
+        metrics.update(loss=loss, lr=schedule(state.step), grad_norm=optim.global_norm(grads),
+                       nonfinite=1.0 - finite.astype(jnp.float32))
+        return state_lib.select_tree(finite, updated, skipped), metrics
+
+    return train_step
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+    common.log_header("pretrain", config, workdir)
+    common.prepare_workdir(config, workdir)
+    mesh = sharding.make_mesh(config.get("mesh"))
+    tokenizer, tokenizer_variables = load_tokenizer(config.tokenizer.checkpoint)
+    if tokenizer.num_codes != config.model.vocab_size:
+        raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer has "
+                         f"{tokenizer.num_codes} codes")
+    cfg = model_config(config)
+    model = build_model(cfg)
+
+    steps_per_epoch = common.steps_per_epoch(config)
+    total_steps = steps_per_epoch * config.num_epochs
+    size, n = config.data.input_size, model.backbone.num_patches
+    dummy_mask = jnp.zeros((1, n), bool).at[:, :config.data.num_masked_patches].set(True)
+    params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)), dummy_mask)["params"]
+    logging.info("BEiT pretraining model: %d parameters", beit_lib.count_params(params))
+    tx, schedule = optim.make_optimizer(config.optim, params, total_steps, steps_per_epoch)
+    state = state_lib.create(params, tx, extra={"bad_steps": jnp.zeros((), jnp.int32)}, seed=config.seed)
+    state = jax.device_put(state, sharding.replicated(mesh))
+    tokenizer_variables = jax.device_put(tokenizer_variables, sharding.replicated(mesh))
+
+    iterator = pipeline.make_pretrain_iterator(config.data, config.batch_size, seed=config.seed)
+    manager = ckpt_lib.make_manager(workdir, config.get("keep_checkpoints", 3))
+    state = loop.resume(manager, state, iterator)
+    step_fn = jax.jit(make_train_step(model, tokenizer, tx, schedule), donate_argnums=0)
+    train_step = functools.partial(_with_tokenizer, step_fn, tokenizer_variables)
+    state = loop.run(workdir=workdir, state=state, train_step=train_step, iterator=iterator, mesh=mesh,
+                     total_steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
+                     log_every=config.get("log_every_steps", 50),
+                     checkpoint_every=config.get("checkpoint_every_steps", 1000),
+                     max_bad_steps=config.get("max_bad_steps", 10), manager=manager, desc="pretrain")
+    export_model(os.path.join(workdir, "model"), state, cfg)
+    return state
+
+
+def export_model(directory: str, state, cfg: dict) -> None:
+    from beitv2_jax.convert import store
+
+    store.save_variables(directory, {"params": jax.device_get(state.params)}, "beit_pretrain", cfg)
+    logging.info("pretrained model written to %s", directory)
+
+
+def _with_tokenizer(step_fn, tokenizer_variables, state, batch):
+    return step_fn(state, batch, tokenizer_variables)

@@ -1,0 +1,10 @@
+"""BEiT v2 ViT-B/16, ImageNet-1k, 1600 epochs (official recipe: batch 2048, lr 1.5e-3, betas 0.9/0.999, dp 0.1).
+
+python -m beitv2_jax.main --config configs/beitv2_base_pt1k_1600e.py --workdir DIR \
+    --config.tokenizer.checkpoint=TOKENIZER_DIR --config.data.data_dir=TFDS_DIR
+"""
+from beitv2_jax import recipes
+
+
+def get_config():
+    return recipes.beitv2_pretrain("base", 1600)
