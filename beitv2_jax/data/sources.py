@@ -18,6 +18,8 @@ import argparse
 import contextlib
 import fcntl
 import os
+import re
+import tempfile
 import types
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -38,28 +40,45 @@ _DEMO_CHUNK = 500
 
 
 def default_data_dir() -> str:
-  """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets``."""
-  return os.path.expanduser(os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
+    """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets``."""
+    return os.path.expanduser(os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
 
 
 def _resolve(data_dir: str | os.PathLike | None) -> str:
-  return os.path.expanduser(os.fspath(data_dir)) if data_dir else default_data_dir()
+    return os.path.expanduser(os.fspath(data_dir)) if data_dir else default_data_dir()
 
 
 @contextlib.contextmanager
 def _file_lock(path: str) -> Iterator[None]:
-  """Exclusive inter-process lock on ``path`` (created if missing), released on exit."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'a') as f:
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    """Exclusive inter-process lock on ``path`` (created if missing), released on exit."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'a') as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _no_network_config() -> tfds.download.DownloadConfig:
-  return tfds.download.DownloadConfig(try_download_gcs=False)
+def _prepare(builder: tfds.core.DatasetBuilder) -> None:
+    """``download_and_prepare`` without network access and without a leftover downloads folder."""
+    with tempfile.TemporaryDirectory(prefix='tfds_downloads_') as download_dir:
+        builder.download_and_prepare(
+            download_dir=download_dir,
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base for our builders: no download, no checksums file.
+
+    ``code_path`` is overridden because tfds 4.9.x's default needs the ``importlib_resources``
+    backport for builders defined inside a package (it is only installed on Python < 3.9).
+    """
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> None:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,135 +87,138 @@ def _no_network_config() -> tfds.download.DownloadConfig:
 
 
 def _demo_params(split_seed: int, index: int, label: int) -> dict[str, Any]:
-  """Per-example random parameters, seeded by (split, index) only."""
-  rng = np.random.default_rng([_DEMO_SEED, split_seed, index])
-  size = DEMO_IMAGE_SIZE
-  radius = rng.uniform(0.16, 0.36) * size
-  margin = 0.75 * radius
-  centre = rng.uniform(margin, size - margin, size=2)
-  if DEMO_CLASSES[label] in ('square', 'diamond'):
-    angle = rng.uniform(-np.pi / 18, np.pi / 18)  # keep square vs diamond distinct
-  elif DEMO_CLASSES[label] in ('stripes_h', 'stripes_v', 'checker'):
-    angle = 0.0
-  else:
-    angle = rng.uniform(0, 2 * np.pi)
-  while True:  # foreground/background with a visible luma difference
-    fg, bg = rng.uniform(0, 255, size=(2, 3))
-    if abs(fg @ [0.299, 0.587, 0.114] - bg @ [0.299, 0.587, 0.114]) > 50:
-      break
-  return dict(
-      radius=radius, centre=centre, angle=angle, fg=fg, bg=bg,
-      period=rng.uniform(3.0, 6.0),  # stripe / checker cell width in pixels
-      aspect=rng.uniform(0.35, 0.55),  # ellipse minor/major axis
-      gradient=rng.uniform(-30, 30, size=(2, 3)),  # background colour ramp (y, x) per channel
-      noise=rng.normal(0.0, 6.0, size=(size, size, 3)).astype(np.float32),
-  )
+    """Per-example random parameters, seeded by (split, index) only."""
+    rng = np.random.default_rng([_DEMO_SEED, split_seed, index])
+    size = DEMO_IMAGE_SIZE
+    radius = rng.uniform(0.16, 0.36) * size
+    margin = 0.75 * radius
+    centre = rng.uniform(margin, size - margin, size=2)
+    if DEMO_CLASSES[label] in ('square', 'diamond'):
+        angle = rng.uniform(-np.pi / 18, np.pi / 18)  # keep square vs diamond distinct
+    elif DEMO_CLASSES[label] in ('stripes_h', 'stripes_v', 'checker'):
+        angle = 0.0
+    else:
+        angle = rng.uniform(0, 2 * np.pi)
+    while True:  # foreground/background with a visible luma difference
+        fg, bg = rng.uniform(0, 255, size=(2, 3))
+        if abs(fg @ [0.299, 0.587, 0.114] - bg @ [0.299, 0.587, 0.114]) > 50:
+            break
+    return dict(
+        radius=radius, centre=centre, angle=angle, fg=fg, bg=bg,
+        period=rng.uniform(3.0, 5.0),  # stripe / checker cell width in pixels
+        aspect=rng.uniform(0.35, 0.55),  # ellipse minor/major axis
+        gradient=rng.uniform(-30, 30, size=(2, 3)),  # background colour ramp (y, x) per channel
+        noise=6.0 * rng.standard_normal(size=(size, size, 3), dtype=np.float32),
+    )
 
 
-def _demo_shape_masks(label: np.ndarray, u: np.ndarray, v: np.ndarray, dy: np.ndarray,
-                      dx: np.ndarray, period: np.ndarray, aspect: np.ndarray) -> np.ndarray:
-  """Foreground masks ``[n, H, W]`` for class ids ``label [n]``.
+def _in_square(u, v):
+    return np.maximum(np.abs(u), np.abs(v)) <= 0.85
 
-  ``u, v`` are rotated coordinates in units of the shape radius, ``dy, dx`` unrotated pixel offsets
-  from the centre, ``period`` and ``aspect`` broadcastable ``[n, 1, 1]``.
-  """
-  r2 = u**2 + v**2
-  in_square = np.maximum(np.abs(u), np.abs(v)) <= 0.85
-  stripe = lambda t: (np.floor(t / period) % 2) == 0
-  masks = {
-      'circle': r2 <= 1.0,
-      'square': in_square,
-      'triangle': (v >= -0.5) & (v <= 1.0 - np.sqrt(3.0) * np.abs(u)),
-      'cross': ((np.abs(u) <= 0.3) | (np.abs(v) <= 0.3)) & (np.maximum(np.abs(u), np.abs(v)) <= 1),
-      'ring': (r2 <= 1.0) & (r2 >= 0.55**2),
-      'stripes_h': in_square & stripe(dy),
-      'stripes_v': in_square & stripe(dx),
-      'checker': in_square & (stripe(dy) ^ stripe(dx)),
-      'diamond': np.abs(u) + np.abs(v) <= 1.15,
-      'ellipse': u**2 + (v / aspect)**2 <= 1.0,
-  }
-  out = np.zeros(u.shape, dtype=bool)
-  for class_id, name in enumerate(DEMO_CLASSES):
-    sel = label == class_id
-    out[sel] = masks[name][sel]
-  return out
+
+def _stripes(t, period):
+    return (np.floor(t / period) % 2) == 0
+
+
+# Foreground masks from rotated coordinates (u, v) in units of the shape radius, unrotated pixel
+# offsets (dy, dx) from the centre, stripe period in pixels and ellipse minor/major axis ratio.
+_DEMO_SHAPES = {
+    'circle': lambda u, v, dy, dx, p, a: u**2 + v**2 <= 1.0,
+    'square': lambda u, v, dy, dx, p, a: _in_square(u, v),
+    'triangle': lambda u, v, dy, dx, p, a: (v >= -0.5) & (v <= 1.0 - np.sqrt(3.0) * np.abs(u)),
+    'cross': lambda u, v, dy, dx, p, a: (((np.abs(u) <= 0.3) | (np.abs(v) <= 0.3))
+                                         & (np.maximum(np.abs(u), np.abs(v)) <= 1.0)),
+    'ring': lambda u, v, dy, dx, p, a: (u**2 + v**2 <= 1.0) & (u**2 + v**2 >= 0.55**2),
+    'stripes_h': lambda u, v, dy, dx, p, a: _in_square(u, v) & _stripes(dy, p),
+    'stripes_v': lambda u, v, dy, dx, p, a: _in_square(u, v) & _stripes(dx, p),
+    'checker': lambda u, v, dy, dx, p, a: _in_square(u, v) & (_stripes(dy, p) ^ _stripes(dx, p)),
+    'diamond': lambda u, v, dy, dx, p, a: np.abs(u) + np.abs(v) <= 1.15,
+    'ellipse': lambda u, v, dy, dx, p, a: u**2 + (v / a)**2 <= 1.0,
+}
+assert tuple(_DEMO_SHAPES) == DEMO_CLASSES
 
 
 def render_demo_images(split_seed: int, indices: Sequence[int], labels: Sequence[int]) -> np.ndarray:
-  """Renders demo images ``uint8 [n, 64, 64, 3]``; image i depends only on (split_seed, indices[i])."""
-  labels = np.asarray(labels)
-  params = [_demo_params(split_seed, int(i), int(c)) for i, c in zip(indices, labels)]
-  stack = lambda key: np.stack([p[key] for p in params]).astype(np.float32)
-  size = DEMO_IMAGE_SIZE
-  grid = np.arange(size, dtype=np.float32) + 0.5
-  centre, radius, angle = stack('centre'), stack('radius'), stack('angle')
-  dy = grid[None, :, None] - centre[:, 0, None, None]  # [n, H, 1]
-  dx = grid[None, None, :] - centre[:, 1, None, None]  # [n, 1, W]
-  cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
-  scale = radius[:, None, None]
-  u = (cos * dx + sin * dy) / scale
-  v = (cos * dy - sin * dx) / scale
-  dy, dx = np.broadcast_to(dy, u.shape), np.broadcast_to(dx, u.shape)
-  fg_mask = _demo_shape_masks(labels[:, None, None], u, v, dy, dx,
-                              stack('period')[:, None, None], stack('aspect')[:, None, None])
-  ramp = grid / size - 0.5
-  gradient = stack('gradient')  # [n, 2, 3]
-  bg = (stack('bg')[:, None, None, :] + ramp[None, :, None, None] * gradient[:, None, None, 0]
-        + ramp[None, None, :, None] * gradient[:, None, None, 1])
-  image = np.where(fg_mask[..., None], stack('fg')[:, None, None, :], bg) + stack('noise')
-  return np.clip(np.round(image), 0, 255).astype(np.uint8)
+    """Renders demo images ``uint8 [n, 64, 64, 3]``; image i depends only on (split_seed, indices[i])."""
+    labels = np.asarray(labels)
+    params = [_demo_params(split_seed, int(i), int(c)) for i, c in zip(indices, labels)]
+    stack = lambda key: np.stack([p[key] for p in params]).astype(np.float32)
+    size = DEMO_IMAGE_SIZE
+    grid = np.arange(size, dtype=np.float32) + 0.5
+    centre, radius, angle = stack('centre'), stack('radius'), stack('angle')
+    dy = grid[None, :, None] - centre[:, 0, None, None]  # [n, H, 1]
+    dx = grid[None, None, :] - centre[:, 1, None, None]  # [n, 1, W]
+    cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    scale = radius[:, None, None]
+    u = (cos * dx + sin * dy) / scale
+    v = (cos * dy - sin * dx) / scale
+    dy, dx = np.broadcast_to(dy, u.shape), np.broadcast_to(dx, u.shape)
+    period, aspect = stack('period')[:, None, None], stack('aspect')[:, None, None]
+    fg_mask = np.zeros(u.shape, dtype=bool)
+    for class_id, shape_fn in enumerate(_DEMO_SHAPES.values()):
+        sel = labels == class_id
+        if sel.any():
+            fg_mask[sel] = shape_fn(u[sel], v[sel], dy[sel], dx[sel], period[sel], aspect[sel])
+    ramp = grid / size - 0.5
+    gradient = stack('gradient')  # [n, 2, 3]
+    bg = (stack('bg')[:, None, None, :] + ramp[None, :, None, None] * gradient[:, None, None, 0]
+          + ramp[None, None, :, None] * gradient[:, None, None, 1])
+    image = np.where(fg_mask[..., None], stack('fg')[:, None, None, :], bg) + stack('noise')
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
 def demo_labels(split: str) -> np.ndarray:
-  """Class ids ``int64 [n]`` for a demo split: balanced, in a fixed shuffled order."""
-  n = DEMO_SPLIT_SIZES[split]
-  rng = np.random.default_rng([_DEMO_SEED, _split_seed(split)])
-  return rng.permutation(np.arange(n) % len(DEMO_CLASSES))
+    """Class ids ``int64 [n]`` for a demo split: balanced, in a fixed shuffled order."""
+    n = DEMO_SPLIT_SIZES[split]
+    rng = np.random.default_rng([_DEMO_SEED, _split_seed(split)])
+    return rng.permutation(np.arange(n) % len(DEMO_CLASSES))
 
 
 def _split_seed(split: str) -> int:
-  return list(DEMO_SPLIT_SIZES).index(split) + 1
+    return list(DEMO_SPLIT_SIZES).index(split) + 1
 
 
-class Beitv2Demo(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Procedural shapes/textures: 10 classes, 64x64 RGB, 5,000 train + 1,000 test (no download)."""
+class Beitv2Demo(_LocalBuilder, skip_registration=True):
+    """Procedural shapes/textures: 10 classes, 64x64 RGB, 5,000 train + 1,000 test (no download)."""
 
-  name = DEMO_NAME
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+    name = DEMO_NAME
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    size = DEMO_IMAGE_SIZE
-    return self.dataset_info_from_configs(
-        description=self.__doc__,
-        features=tfds.features.FeaturesDict({
-            # Raw bytes encoding: ~20x faster to prepare than the int64-list default.
-            'image': tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8, encoding='bytes'),
-            'label': tfds.features.ClassLabel(names=DEMO_CLASSES),
-        }),
-        supervised_keys=('image', 'label'),
-    )
+    def _info(self) -> tfds.core.DatasetInfo:
+        size = DEMO_IMAGE_SIZE
+        return self.dataset_info_from_configs(
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict({
+                # Raw bytes encoding: ~20x faster to prepare than the int64-list default.
+                'image': tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8, encoding='bytes'),
+                'label': tfds.features.ClassLabel(names=DEMO_CLASSES),
+            }),
+            supervised_keys=('image', 'label'),
+        )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._generate_examples(split) for split in DEMO_SPLIT_SIZES}
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split) for split in DEMO_SPLIT_SIZES}
 
-  def _generate_examples(self, split: str):
-    labels = demo_labels(split)
-    for start in range(0, len(labels), _DEMO_CHUNK):
-      indices = np.arange(start, min(start + _DEMO_CHUNK, len(labels)))
-      images = render_demo_images(_split_seed(split), indices, labels[indices])
-      for index, image in zip(indices, images):
-        yield int(index), {'image': image, 'label': int(labels[index])}
+    def _generate_examples(self, split: str):
+        labels = demo_labels(split)
+        for start in range(0, len(labels), _DEMO_CHUNK):
+            indices = np.arange(start, min(start + _DEMO_CHUNK, len(labels)))
+            images = render_demo_images(_split_seed(split), indices, labels[indices])
+            for index, image in zip(indices, images):
+                yield int(index), {'image': image, 'label': int(labels[index])}
 
 
 def ensure_demo_dataset(data_dir: str | os.PathLike | None = None) -> None:
-  """Prepares ``beitv2_demo`` in ``data_dir`` unless it is there; safe across processes."""
-  data_dir = _resolve(data_dir)
-  with _file_lock(os.path.join(data_dir, f'.{DEMO_NAME}.lock')):
-    builder = Beitv2Demo(data_dir=data_dir, file_format='array_record')
-    if not builder.is_prepared():
-      builder.download_and_prepare(download_config=_no_network_config())
+    """Prepares ``beitv2_demo`` in ``data_dir`` unless it is there; safe across processes."""
+    data_dir = _resolve(data_dir)
+    if Beitv2Demo(data_dir=data_dir).is_prepared():  # no lock needed (works on read-only dirs)
+        return
+    with _file_lock(os.path.join(data_dir, f'.{DEMO_NAME}.lock')):
+        builder = Beitv2Demo(data_dir=data_dir, file_format='array_record')
+        if not builder.is_prepared():
+            _prepare(builder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,98 +227,104 @@ def ensure_demo_dataset(data_dir: str | os.PathLike | None = None) -> None:
 
 
 def _list_images(class_dir: str) -> list[str]:
-  return sorted(
-      os.path.join(root, f) for root, _, files in os.walk(class_dir) for f in files
-      if f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(
+        os.path.join(root, f) for root, _, files in os.walk(class_dir) for f in files
+        if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def _subdirs(path: str) -> list[str]:
-  return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))
-                and not d.startswith('.'))
+    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))
+                  and not d.startswith('.'))
 
 
 def scan_image_folder(src_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-  """Finds classes and files.
+    """Finds classes and files.
 
-  Returns:
-    ``(class_names, {split: [(path, label), ...]})``. If every sub-folder of ``src_dir`` is a split
-    name (train/val/validation/test) those are the splits and classes come from the first split;
-    otherwise the whole folder is the ``train`` split.
-  """
-  top = _subdirs(src_dir)
-  if top and all(d in _SPLIT_DIR_NAMES for d in top):
-    split_dirs = {d: os.path.join(src_dir, d) for d in top}
-  else:
-    split_dirs = {'train': src_dir}
-  first = 'train' if 'train' in split_dirs else next(iter(split_dirs))
-  class_names = _subdirs(split_dirs[first])
-  if not class_names:
-    raise ValueError(f'No class sub-folders found in {split_dirs[first]}.')
-  splits = {}
-  for split, split_dir in split_dirs.items():
-    unknown = set(_subdirs(split_dir)) - set(class_names)
-    if unknown:
-      raise ValueError(f'Split {split!r} has classes not in {first!r}: {sorted(unknown)}')
-    splits[split] = [(path, label) for label, name in enumerate(class_names)
-                     for path in _list_images(os.path.join(split_dir, name))]
-    if not splits[split]:
-      raise ValueError(f'No images with extensions {IMAGE_EXTENSIONS} found in {split_dir}.')
-  return class_names, splits
+    Returns:
+      ``(class_names, {split: [(path, label), ...]})``. If every sub-folder of ``src_dir`` is a split
+      name (train/val/validation/test) those are the splits and classes come from the first split;
+      otherwise the whole folder is the ``train`` split.
+    """
+    top = _subdirs(src_dir)
+    if top and all(d in _SPLIT_DIR_NAMES for d in top):
+        split_dirs = {d: os.path.join(src_dir, d) for d in top}
+    else:
+        split_dirs = {'train': src_dir}
+    first = 'train' if 'train' in split_dirs else next(iter(split_dirs))
+    class_names = _subdirs(split_dirs[first])
+    if not class_names:
+        raise ValueError(f'No class sub-folders found in {split_dirs[first]}.')
+    splits = {}
+    for split, split_dir in split_dirs.items():
+        unknown = set(_subdirs(split_dir)) - set(class_names)
+        if unknown:
+            raise ValueError(f'Split {split!r} has classes not in {first!r}: {sorted(unknown)}')
+        splits[split] = [(path, label) for label, name in enumerate(class_names)
+                         for path in _list_images(os.path.join(split_dir, name))]
+        if not splits[split]:
+            raise ValueError(f'No images with extensions {IMAGE_EXTENSIONS} found in {split_dir}.')
+    return class_names, splits
 
 
-class Beitv2ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Images from a folder of class sub-folders; ``image`` holds the encoded file bytes."""
+class Beitv2ImageFolder(_LocalBuilder, skip_registration=True):
+    """Images from a folder of class sub-folders; ``image`` holds the encoded file bytes."""
 
-  name = IMAGE_FOLDER_NAME
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+    name = IMAGE_FOLDER_NAME
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
-  def __init__(self, *, src_dir: str, **kwargs):
-    self._src_dir = os.path.expanduser(src_dir)
-    self._class_names, self._splits = scan_image_folder(self._src_dir)
-    super().__init__(**kwargs)
+    def __init__(self, *, src_dir: str, **kwargs):
+        self._src_dir = os.path.expanduser(src_dir)
+        self._class_names, self._splits = scan_image_folder(self._src_dir)
+        super().__init__(**kwargs)
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=f'Image folder {self._src_dir}',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(), dtype=np.object_),
-            'label': tfds.features.ClassLabel(names=self._class_names),
-            'file_name': tfds.features.Tensor(shape=(), dtype=np.object_),
-        }),
-        supervised_keys=('image', 'label'),
-    )
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            description=f'Image folder {self._src_dir}',
+            features=tfds.features.FeaturesDict({
+                'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+                'label': tfds.features.ClassLabel(names=self._class_names),
+                'file_name': tfds.features.Tensor(shape=(), dtype=np.object_),
+            }),
+            supervised_keys=('image', 'label'),
+        )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._generate_examples(items) for split, items in self._splits.items()}
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(items) for split, items in self._splits.items()}
 
-  def _generate_examples(self, items: list[tuple[str, int]]):
-    for path, label in items:
-      rel = os.path.relpath(path, self._src_dir)
-      with open(path, 'rb') as f:
-        yield rel, {'image': f.read(), 'label': label, 'file_name': rel}
+    def _generate_examples(self, items: list[tuple[str, int]]):
+        for path, label in items:
+            rel = os.path.relpath(path, self._src_dir)
+            with open(path, 'rb') as f:
+                yield rel, {'image': f.read(), 'label': label, 'file_name': rel}
 
 
 def _folder_builder_class(name: str) -> type[Beitv2ImageFolder]:
-  """A non-registered subclass whose tfds name (and so its directory) is ``name``."""
-  return types.new_class(name, (Beitv2ImageFolder,), {'skip_registration': True},
-                         lambda ns: ns.update(name=name))
+    """A non-registered subclass whose tfds name (and so its directory) is ``name``."""
+    return types.new_class(name, (Beitv2ImageFolder,), {'skip_registration': True},
+                           lambda ns: ns.update(name=name, __module__=__name__))
 
 
 def prepare_image_folder(src_dir: str, data_dir: str | os.PathLike | None = None,
                          name: str = IMAGE_FOLDER_NAME) -> str:
-  """Converts an image folder into the array_record tfds dataset ``name`` in ``data_dir``.
+    """Converts an image folder into the array_record tfds dataset ``name`` in ``data_dir``.
 
-  Does nothing if ``name`` is already prepared there. Returns the dataset directory.
-  """
-  data_dir = _resolve(data_dir)
-  with _file_lock(os.path.join(data_dir, f'.{name}.lock')):
-    builder = _folder_builder_class(name)(src_dir=src_dir, data_dir=data_dir,
-                                          file_format='array_record')
-    if not builder.is_prepared():
-      builder.download_and_prepare(download_config=_no_network_config())
-  return os.fspath(builder.data_dir)
+    ``name`` must be a tfds-style name (lower case, digits, underscores). Does nothing if it is
+    already prepared there. Returns the dataset directory ``data_dir/name/1.0.0``.
+    """
+    if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
+        raise ValueError(f'Dataset name {name!r} must match [a-z][a-z0-9_]*.')
+    data_dir = _resolve(data_dir)
+    out_dir = os.path.join(data_dir, name, str(Beitv2ImageFolder.VERSION))
+    if os.path.exists(os.path.join(out_dir, 'dataset_info.json')):  # skip scanning the folder
+        return out_dir
+    with _file_lock(os.path.join(data_dir, f'.{name}.lock')):
+        builder = _folder_builder_class(name)(src_dir=src_dir, data_dir=data_dir,
+                                              file_format='array_record')
+        if not builder.is_prepared():
+            _prepare(builder)
+    return out_dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,58 +333,58 @@ def prepare_image_folder(src_dir: str, data_dir: str | os.PathLike | None = None
 
 
 def _not_prepared_error(name: str, data_dir: str) -> FileNotFoundError:
-  if name.split('/')[0].split(':')[0] == 'imagenet2012':
-    how = (f'tfds build imagenet2012 --manual_dir=<dir with ILSVRC2012_img_*.tar> '
-           f'--data_dir={data_dir} --file_format=array_record   (needs TensorFlow once: '
-           f'pip install ".[prepare]")')
-  elif name == DEMO_NAME:
-    how = f'python -c "from beitv2_jax.data import sources; sources.ensure_demo_dataset({data_dir!r})"'
-  else:
-    how = (f'python -m beitv2_jax.data.sources prepare-folder --src <image folder> '
-           f'--data_dir {data_dir} --name {name}')
-  return FileNotFoundError(
-      f'Dataset {name!r} is not prepared in data_dir={data_dir!r}. Build it with:\n  {how}')
+    if name.split('/')[0].split(':')[0] == 'imagenet2012':
+        how = (f'tfds build imagenet2012 --manual_dir=<dir with ILSVRC2012_img_*.tar> '
+               f'--data_dir={data_dir} --file_format=array_record   (needs TensorFlow once: '
+               f'pip install ".[prepare]")')
+    else:
+        how = (f'python -m beitv2_jax.data.sources prepare-folder --src <image folder> '
+               f'--data_dir {data_dir} --name {name}')
+    return FileNotFoundError(
+        f'Dataset {name!r} is not prepared in data_dir={data_dir!r}. Build it with:\n  {how}')
 
 
 def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
-  """Returns the random-access data source (``len`` + ``__getitem__`` of feature dicts).
+    """Returns the random-access data source (``len`` + ``__getitem__`` of feature dicts).
 
-  ``beitv2_demo`` is generated on first use. ``imagenet2012`` must have been prepared beforehand
-  (``tfds build imagenet2012 --manual_dir=... --file_format=array_record``; that step needs
-  TensorFlow, reading does not). Folder datasets are read from their files on disk.
+    ``beitv2_demo`` is generated on first use. ``imagenet2012`` must have been prepared beforehand
+    (``tfds build imagenet2012 --manual_dir=... --file_format=array_record``; that step needs
+    TensorFlow, reading does not). Folder datasets are read from their files on disk.
 
-  Raises:
-    FileNotFoundError: naming the dataset, the data_dir and the command to build it.
-  """
-  data_dir = _resolve(data_dir)
-  if name == DEMO_NAME:
-    ensure_demo_dataset(data_dir)
-    return Beitv2Demo(data_dir=data_dir).as_data_source(split=split)
-  try:
-    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise _not_prepared_error(name, data_dir) from None
-  if not builder.is_prepared():
-    raise _not_prepared_error(name, data_dir)
-  return builder.as_data_source(split=split)
+    Raises:
+      FileNotFoundError: naming the dataset, the data_dir and the command to build it.
+    """
+    data_dir = _resolve(data_dir)
+    if name == DEMO_NAME:
+        ensure_demo_dataset(data_dir)
+        return Beitv2Demo(data_dir=data_dir).as_data_source(split=split)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise _not_prepared_error(name, data_dir) from None
+    if not builder.is_prepared():
+        raise _not_prepared_error(name, data_dir)
+    return builder.as_data_source(split=split)
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m beitv2_jax.data.sources')
-  commands = parser.add_subparsers(dest='command', required=True)
-  folder = commands.add_parser('prepare-folder', help='convert an image folder to a tfds dataset')
-  folder.add_argument('--src', required=True, help='folder of class sub-folders (or split folders)')
-  folder.add_argument('--data_dir', default=None, help='tfds data_dir (default $TFDS_DATA_DIR)')
-  folder.add_argument('--name', default=IMAGE_FOLDER_NAME, help='dataset name to create')
-  demo = commands.add_parser('prepare-demo', help='generate the built-in demo dataset')
-  demo.add_argument('--data_dir', default=None)
-  args = parser.parse_args(argv)
-  if args.command == 'prepare-folder':
-    print(prepare_image_folder(args.src, args.data_dir, name=args.name))
-  else:
-    ensure_demo_dataset(args.data_dir)
-    print(os.path.join(_resolve(args.data_dir), DEMO_NAME))
+    parser = argparse.ArgumentParser(prog='python -m beitv2_jax.data.sources')
+    commands = parser.add_subparsers(dest='command', required=True)
+    folder = commands.add_parser('prepare-folder', help='convert an image folder to a tfds dataset')
+    folder.add_argument('--src', required=True, help='folder of class sub-folders (or split folders)')
+    folder.add_argument('--data_dir', default=None, help='tfds data_dir (default $TFDS_DATA_DIR)')
+    folder.add_argument('--name', default=IMAGE_FOLDER_NAME, help='dataset name to create')
+    demo = commands.add_parser('prepare-demo', help='generate the built-in demo dataset')
+    demo.add_argument('--data_dir', default=None)
+    args = parser.parse_args(argv)
+    if args.command == 'prepare-folder':
+        print(prepare_image_folder(args.src, args.data_dir, name=args.name))
+    else:
+        ensure_demo_dataset(args.data_dir)
+        print(os.path.join(_resolve(args.data_dir), DEMO_NAME))
 
 
 if __name__ == '__main__':
-  _main()
+    # Run from the importable module so builder classes have a package path (tfds needs it).
+    from beitv2_jax.data import sources as _sources  # pylint: disable=import-self
+    _sources._main()  # pylint: disable=protected-access

@@ -1,0 +1,209 @@
+"""Grain input pipelines: per-process shard → shuffle per epoch → repeat → augment → batch.
+
+All transformations are index-based ``MapDataset`` steps applied before ``to_iter_dataset``, so a
+batch depends only on (seed, process_index, process_count, batch index): the same with 0 or N
+prefetch worker processes, and resumable exactly from ``iterator.get_state()``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from absl import flags
+import grain
+import ml_collections
+import numpy as np
+
+from beitv2_jax.data import sources, transforms
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Data settings of the BEiT v2 ViT-B/16 pretraining recipe (reference §2.3, §2.4)."""
+    config = ml_collections.ConfigDict()
+    config.dataset = sources.DEMO_NAME  # 'beitv2_demo' | 'imagenet2012' | a prepared folder name
+    # None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+    config.data_dir = ml_collections.config_dict.placeholder(str)
+    config.train_split = 'train'
+    config.eval_split = 'test'  # 'validation' for imagenet2012
+    config.input_size = 224  # backbone view, pixels
+    config.second_input_size = 224  # tokenizer view, pixels
+    config.patch_size = 16
+    config.num_masked_patches = 75
+    config.min_mask_patches_per_block = 16
+    config.max_mask_patches_per_block = ml_collections.config_dict.placeholder(int)  # None: no cap
+    config.min_crop_scale = 0.2  # pretraining crop scale range (min_crop_scale, 1)
+    config.tokenizer_min_crop_scale = 0.08  # VQ-KD training crop scale range
+    config.color_jitter = 0.4  # brightness = contrast = saturation strength; 0 disables
+    config.interpolation = 'bicubic'
+    config.second_interpolation = 'bicubic'
+    config.eval_crop_pct = 0.875
+    config.num_workers = 8  # grain prefetch processes per host; 0 = in the main process
+    config.read_threads = 4  # threads per process, each building whole batches
+    config.prefetch_batches = 4  # batches buffered per process
+    return config
+
+
+def _stream_seeds(seed: int, process_index: int) -> tuple[int, int]:
+    """Two independent uint32 seeds (shuffle, augmentation) for this process."""
+    shuffle_seed, map_seed = np.random.SeedSequence([seed, process_index]).generate_state(2)
+    return int(shuffle_seed), int(map_seed)
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's ``mp_prefetch`` reads an absl flag; outside ``absl.app.run`` mark flags as parsed."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def shard(ds: grain.MapDataset, process_index: int, process_count: int,
+          even_shards: bool = True) -> grain.MapDataset:
+    """Strided shard ``ds[process_index::process_count]``.
+
+    With ``even_shards`` every shard has ``len(ds) // process_count`` records (the last
+    ``len(ds) % process_count`` records are dropped) so all processes see the same number of batches.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
+    local = ds[process_index::process_count]
+    return local[:len(ds) // process_count] if even_shards else local
+
+
+def make_dataset(source, *, transform, global_batch_size: int, process_index: int,
+                 process_count: int, seed: int, shuffle: bool = True,
+                 num_epochs: int | None = None, drop_remainder: bool = True,
+                 num_workers: int = 0, read_threads: int = 4, prefetch_batches: int = 4,
+                 even_shards: bool = True) -> grain.IterDataset:
+    """Builds the per-process batched stream.
+
+    Args:
+      source: random-access source (``len`` + ``__getitem__``), e.g. from ``sources.open_source``.
+      transform: ``grain.transforms.RandomMap`` (gets a per-record generator seeded by
+        (seed, process_index, record position)), ``grain.transforms.Map`` or a plain callable.
+      global_batch_size: batch over all processes; each process yields
+        ``global_batch_size // process_count`` records per batch.
+      process_index, process_count: this host's shard.
+      seed: pipeline seed (shuffle order per epoch and augmentation).
+      shuffle: reshuffle every epoch.
+      num_epochs: None repeats forever.
+      drop_remainder: drop a final partial batch.
+      num_workers: grain prefetch processes (0: in this process).
+      read_threads, prefetch_batches: per-process threads and buffered batches.
+      even_shards: see :func:`shard`.
+
+    Returns:
+      ``grain.IterDataset`` of batches (dicts of numpy arrays with a leading batch axis).
+    """
+    if global_batch_size % process_count:
+        raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
+                         f'process_count={process_count}.')
+    shuffle_seed, map_seed = _stream_seeds(seed, process_index)
+    ds = shard(grain.MapDataset.source(source), process_index, process_count, even_shards)
+    if shuffle:
+        ds = ds.shuffle(seed=shuffle_seed)
+    ds = ds.repeat(num_epochs)
+    if isinstance(transform, grain.transforms.RandomMap):
+        ds = ds.random_map(transform, seed=map_seed)
+    else:
+        ds = ds.map(transform)
+    ds = ds.batch(global_batch_size // process_count, drop_remainder=drop_remainder)
+    read_options = grain.ReadOptions(num_threads=read_threads,
+                                     prefetch_buffer_size=max(prefetch_batches, read_threads))
+    iter_ds = ds.to_iter_dataset(read_options)
+    if num_workers > 0:
+        _ensure_absl_flags_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter_ds
+
+
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=g-import-not-at-top  (only when the caller did not say)
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return process_index, process_count
+
+
+def pretrain_transform(data_config: ml_collections.ConfigDict) -> transforms.PretrainTransform:
+    """The two-view + mask transform described by ``data_config``."""
+    return transforms.PretrainTransform(
+        input_size=data_config.input_size,
+        second_input_size=data_config.second_input_size,
+        patch_size=data_config.patch_size,
+        num_masked_patches=data_config.num_masked_patches,
+        min_mask_patches_per_block=data_config.min_mask_patches_per_block,
+        max_mask_patches_per_block=data_config.max_mask_patches_per_block,
+        min_crop_scale=data_config.min_crop_scale,
+        color_jitter=data_config.color_jitter,
+        interpolation=data_config.interpolation,
+        second_interpolation=data_config.second_interpolation,
+    )
+
+
+def _make_iterator(data_config, split, transform, global_batch_size, seed, process_index,
+                   process_count, **kwargs) -> grain.DatasetIterator:
+    process_index, process_count = _process_layout(process_index, process_count)
+    source = sources.open_source(data_config.dataset, split, data_config.data_dir)
+    ds = make_dataset(source, transform=transform, global_batch_size=global_batch_size,
+                      process_index=process_index, process_count=process_count, seed=seed,
+                      num_workers=data_config.num_workers, read_threads=data_config.read_threads,
+                      prefetch_batches=data_config.prefetch_batches, **kwargs)
+    return iter(ds)
+
+
+def make_pretrain_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,
+                           seed: int, process_index: int | None = None,
+                           process_count: int | None = None) -> grain.DatasetIterator:
+    """Endless pretraining batches ``{'image': f32 [b, s, s, 3], 'tokenizer_image': f32 [b, s2, s2, 3],
+    'mask': bool [b, (s / patch)**2], 'label': i32 [b]}`` with ``b = global_batch_size / processes``.
+
+    ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``.
+    """
+    return _make_iterator(data_config, data_config.train_split, pretrain_transform(data_config),
+                          global_batch_size, seed, process_index, process_count)
+
+
+def make_tokenizer_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,
+                            seed: int, process_index: int | None = None,
+                            process_count: int | None = None) -> grain.DatasetIterator:
+    """Endless VQ-KD training batches ``{'image': f32 [b, s, s, 3] in [0, 1], 'label': i32 [b]}``."""
+    transform = transforms.TokenizerTrainTransform(
+        input_size=data_config.input_size, min_crop_scale=data_config.tokenizer_min_crop_scale,
+        interpolation=data_config.interpolation)
+    return _make_iterator(data_config, data_config.train_split, transform, global_batch_size, seed,
+                          process_index, process_count)
+
+
+def make_eval_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,
+                       process_index: int | None = None, process_count: int | None = None,
+                       normalize_image: bool = True, split: str | None = None,
+                       drop_remainder: bool = False) -> grain.DatasetIterator:
+    """One pass over the eval split: ``{'image': f32 [b, s, s, 3], 'label': i32 [b]}``.
+
+    Images are resized to ``int(s / eval_crop_pct)`` and centre-cropped; ImageNet-normalised when
+    ``normalize_image`` else in [0, 1]. With ``drop_remainder=False`` the last batch may be smaller.
+    """
+    transform = transforms.EvalTransform(
+        input_size=data_config.input_size, crop_pct=data_config.eval_crop_pct,
+        interpolation=data_config.interpolation, normalize_image=normalize_image)
+    return _make_iterator(data_config, split or data_config.eval_split, transform,
+                          global_batch_size, 0, process_index, process_count, shuffle=False,
+                          num_epochs=1, drop_remainder=drop_remainder)
+
+
+class IteratorState:
+    """Serialises a grain iterator's position as JSON bytes (for orbax or a side file).
+
+    ``IteratorState.save(it)`` → bytes; ``IteratorState.restore(it, data)`` moves a freshly built
+    iterator (same config, seed, process layout and ``num_workers``) to the saved position.
+    """
+
+    @staticmethod
+    def save(iterator: grain.DatasetIterator) -> bytes:
+        return json.dumps(iterator.get_state()).encode('utf-8')
+
+    @staticmethod
+    def restore(iterator: grain.DatasetIterator, data: bytes | str) -> grain.DatasetIterator:
+        state: dict[str, Any] = json.loads(data)
+        iterator.set_state(state)
+        return iterator

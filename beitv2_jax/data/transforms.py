@@ -1,0 +1,244 @@
+"""Grain transforms for BEiT v2: decode, shared colour jitter / flip / crop for two views, masks.
+
+Every random draw comes from the ``numpy.random.Generator`` that grain's ``random_map`` hands to
+each record (seeded by pipeline seed and record index), so outputs do not depend on worker count.
+Image ops follow torchvision on PIL images (``ColorJitter`` via ``ImageEnhance``,
+``RandomResizedCrop`` box sampling, ``Resize``/``CenterCrop`` rounding), see reference §2.4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from beitv2_jax.data.masking import MaskingGenerator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CropBox = tuple[int, int, int, int]  # (top, left, height, width) in pixels
+
+_INTERPOLATIONS = {
+    'bicubic': Image.Resampling.BICUBIC,
+    'bilinear': Image.Resampling.BILINEAR,
+    'lanczos': Image.Resampling.LANCZOS,
+    'nearest': Image.Resampling.NEAREST,
+}
+
+
+def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return low + (high - low) * rng.random()
+
+
+def decode_image(image: Any) -> Image.Image:
+    """uint8 array ``[H, W]``, ``[H, W, 1|3|4]`` or encoded JPEG/PNG bytes → PIL RGB image."""
+    if isinstance(image, (bytes, bytearray, np.bytes_)):
+        pil = Image.open(io.BytesIO(bytes(image)))
+        pil.load()
+    else:
+        array = np.asarray(image)
+        if array.dtype == object:  # 0-d object array holding the bytes
+            return decode_image(array.item())
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        pil = Image.fromarray(array.astype(np.uint8, copy=False))
+    return pil if pil.mode == 'RGB' else pil.convert('RGB')
+
+
+JitterParams = tuple[np.ndarray, tuple[float | None, float | None, float | None]]
+
+
+def color_jitter_params(rng: np.random.Generator, brightness: float = 0.4, contrast: float = 0.4,
+                        saturation: float = 0.4) -> JitterParams:
+    """torchvision ``ColorJitter.get_params`` with hue=None.
+
+    Returns ``(order, factors)``: a permutation of the four adjustment ids (0 brightness,
+    1 contrast, 2 saturation, 3 hue — always skipped) and the factors ``U[max(0, 1-x), 1+x]`` drawn
+    in the order brightness, contrast, saturation (None where the strength is 0).
+    """
+    order = rng.permutation(4)
+    factors = tuple(None if x <= 0 else _uniform(rng, max(0.0, 1.0 - x), 1.0 + x)
+                    for x in (brightness, contrast, saturation))
+    return order, factors
+
+
+def apply_color_jitter(image: Image.Image, order: np.ndarray,
+                       factors: tuple[float | None, ...]) -> Image.Image:
+    """Applies the adjustments in ``order`` with ``PIL.ImageEnhance`` (torchvision on PIL images)."""
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for fn_id in order:
+        if fn_id < 3 and factors[fn_id] is not None:
+            image = enhancers[fn_id](image).enhance(factors[fn_id])
+    return image
+
+
+def color_jitter(image: Image.Image, rng: np.random.Generator, brightness: float = 0.4,
+                 contrast: float = 0.4, saturation: float = 0.4) -> Image.Image:
+    """torchvision ``ColorJitter(brightness, contrast, saturation, hue=0)`` on a PIL RGB image."""
+    return apply_color_jitter(image, *color_jitter_params(rng, brightness, contrast, saturation))
+
+
+def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
+                            scale: tuple[float, float] = (0.08, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> CropBox:
+    """torchvision ``RandomResizedCrop.get_params``: 10 attempts, then a centre crop.
+
+    Returns ``(top, left, crop_height, crop_width)`` in pixels.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * _uniform(rng, *scale)
+        aspect_ratio = math.exp(_uniform(rng, *log_ratio))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop(image: Image.Image, box: CropBox, size: int,
+                 interpolation: str = 'bicubic') -> Image.Image:
+    """Crops ``box = (top, left, h, w)`` and resizes to ``size x size`` (torchvision resized_crop)."""
+    top, left, h, w = box
+    return image.crop((left, top, left + w, top + h)).resize((size, size),
+                                                             _INTERPOLATIONS[interpolation])
+
+
+def resize_shorter(image: Image.Image, size: int, interpolation: str = 'bicubic') -> Image.Image:
+    """torchvision ``Resize(size)``: shorter side → ``size``, longer ``int(size * long / short)``."""
+    w, h = image.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) == (w, h):
+        return image
+    return image.resize((new_w, new_h), _INTERPOLATIONS[interpolation])
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """torchvision ``CenterCrop(size)`` for images at least ``size`` on each side."""
+    w, h = image.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_unit_float(image: Image.Image) -> np.ndarray:
+    """PIL RGB → float32 ``[H, W, 3]`` in [0, 1] (``ToTensor`` without the transpose)."""
+    return np.asarray(image, dtype=np.float32) / np.float32(255.0)
+
+
+def normalize(x: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """``(x - mean) / std`` per channel on float32 ``[..., 3]`` in [0, 1]."""
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def _label(element: dict[str, Any]) -> np.int32:
+    return np.int32(element.get('label', -1))
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainTransform(grain.transforms.RandomMap):
+    """BEiT v2 pretraining view pair + block mask (``DataAugmentationForBEiT``).
+
+    record ``{'image': uint8 [H, W, 3] | bytes, 'label'?}`` →
+    ``{'image': float32 [s, s, 3] ImageNet-normalised, 'tokenizer_image': float32 [s2, s2, 3] in
+    [0, 1], 'mask': bool [(s / patch)**2] row-major, 'label': int32}``. Both views share the colour
+    jitter, the flip and the crop box.
+    """
+
+    input_size: int = 224
+    second_input_size: int = 224
+    patch_size: int = 16
+    num_masked_patches: int = 75
+    min_mask_patches_per_block: int = 16
+    max_mask_patches_per_block: int | None = None
+    min_crop_scale: float = 0.2
+    color_jitter: float = 0.4
+    interpolation: str = 'bicubic'
+    second_interpolation: str = 'bicubic'
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def masking(self) -> MaskingGenerator:
+        grid = self.input_size // self.patch_size
+        return MaskingGenerator((grid, grid), self.num_masked_patches,
+                                min_num_patches=self.min_mask_patches_per_block,
+                                max_num_patches=self.max_mask_patches_per_block)
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        image = decode_image(element['image'])
+        if self.color_jitter > 0:
+            image = color_jitter(image, rng, self.color_jitter, self.color_jitter, self.color_jitter)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        box = random_resized_crop_box(image.height, image.width, rng, scale=(self.min_crop_scale, 1.0))
+        view = to_unit_float(resized_crop(image, box, self.input_size, self.interpolation))
+        second = to_unit_float(resized_crop(image, box, self.second_input_size,
+                                            self.second_interpolation))
+        return {
+            'image': normalize(view, self.mean, self.std),
+            'tokenizer_image': second,
+            'mask': self.masking(rng).reshape(-1),
+            'label': _label(element),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerTrainTransform(grain.transforms.RandomMap):
+    """VQ-KD training view: RandomResizedCrop(scale (min_crop_scale, 1)) + flip → [0, 1].
+
+    record → ``{'image': float32 [s, s, 3] in [0, 1], 'label': int32}``.
+    """
+
+    input_size: int = 224
+    min_crop_scale: float = 0.08
+    interpolation: str = 'bicubic'
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        image = decode_image(element['image'])
+        box = random_resized_crop_box(image.height, image.width, rng, scale=(self.min_crop_scale, 1.0))
+        image = resized_crop(image, box, self.input_size, self.interpolation)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return {'image': to_unit_float(image), 'label': _label(element)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform(grain.transforms.Map):
+    """Resize shorter side to ``int(size / crop_pct)`` + centre crop.
+
+    record → ``{'image': float32 [s, s, 3], 'label': int32}``; ImageNet-normalised when
+    ``normalize_image`` (backbone) else in [0, 1] (tokenizer).
+    """
+
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = 'bicubic'
+    normalize_image: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        image = decode_image(element['image'])
+        image = resize_shorter(image, int(self.input_size / self.crop_pct), self.interpolation)
+        view = to_unit_float(center_crop(image, self.input_size))
+        if self.normalize_image:
+            view = normalize(view, self.mean, self.std)
+        return {'image': view, 'label': _label(element)}

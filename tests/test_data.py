@@ -1,0 +1,390 @@
+"""Tests for the input pipeline: sources, transforms, grain pipeline (tiny sizes, CPU only)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+from beitv2_jax.data import pipeline, sources, transforms
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope='session')
+def demo_dir(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp('tfds'))
+    start = time.perf_counter()
+    sources.ensure_demo_dataset(data_dir)
+    return data_dir, time.perf_counter() - start
+
+
+@pytest.fixture(scope='session')
+def image_folder(tmp_path_factory):
+    """``src/{cat,dog}/`` with RGB PNG, grayscale JPEG and RGBA PNG files; returns (src, pixels)."""
+    src = tmp_path_factory.mktemp('folder')
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for name in ('cat', 'dog'):
+        os.makedirs(src / name)
+        for i in range(3):
+            rgb = rng.integers(0, 256, (20 + 3 * i, 28, 3), dtype=np.uint8)
+            Image.fromarray(rgb).save(src / name / f'rgb{i}.png')
+            pixels[f'{name}/rgb{i}.png'] = rgb
+        Image.fromarray(rgb[..., 0]).save(src / name / 'gray.jpg', quality=95)
+        Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])).save(
+            src / name / 'rgba.png')
+        pixels[f'{name}/rgba.png'] = rgb
+    return str(src), pixels
+
+
+def tiny_config(data_dir, **overrides):
+    config = pipeline.default_data_config()
+    config.data_dir = data_dir
+    config.input_size = config.second_input_size = 32
+    config.patch_size = 8
+    config.num_masked_patches = 6
+    config.min_mask_patches_per_block = 2
+    config.num_workers = 0
+    config.read_threads = 2
+    config.update(overrides)
+    return config
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Demo dataset.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_demo_dataset_sizes_and_labels(demo_dir):
+    data_dir, prepare_seconds = demo_dir
+    assert prepare_seconds < 30
+    for split, size in sources.DEMO_SPLIT_SIZES.items():
+        source = sources.open_source(sources.DEMO_NAME, split, data_dir)
+        assert len(source) == size
+        records = source.__getitems__(range(size))
+        labels = np.array([r['label'] for r in records])
+        assert labels.min() >= 0 and labels.max() < len(sources.DEMO_CLASSES)
+        np.testing.assert_array_equal(np.bincount(labels, minlength=10), size // 10)
+        assert records[0]['image'].shape == (64, 64, 3) and records[0]['image'].dtype == np.uint8
+
+
+def test_demo_rendering_is_per_index_deterministic():
+    labels = sources.demo_labels('train')
+    chunk = sources.render_demo_images(1, [3, 4, 5], labels[[3, 4, 5]])
+    alone = sources.render_demo_images(1, [5], labels[[5]])
+    np.testing.assert_array_equal(chunk[2], alone[0])
+    other_split = sources.render_demo_images(2, [5], labels[[5]])
+    assert not np.array_equal(other_split[0], alone[0])
+    # Classes differ visually: per-class mean images are not all alike.
+    images = sources.render_demo_images(1, range(200), labels[:200]).astype(np.float32)
+    assert images.std() > 30
+
+
+def test_demo_concurrent_prepare_is_safe_and_deterministic(demo_dir, tmp_path):
+    """Two processes prepare into one fresh dir at once; the bytes equal the fixture's."""
+    code = f"""
+        from beitv2_jax.data import sources
+        sources.ensure_demo_dataset({str(tmp_path)!r})
+    """
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    procs = [subprocess.Popen([sys.executable, '-c', textwrap.dedent(code)], env=env, cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    ours = sources.open_source(sources.DEMO_NAME, 'test', str(tmp_path))
+    ref = sources.open_source(sources.DEMO_NAME, 'test', demo_dir[0])
+    for a, b in zip(ours.__getitems__(range(1000)), ref.__getitems__(range(1000))):
+        assert a['label'] == b['label']
+        np.testing.assert_array_equal(a['image'], b['image'])
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders and missing datasets.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_image_folder_round_trip(image_folder, tmp_path):
+    src, pixels = image_folder
+    out = sources.prepare_image_folder(src, str(tmp_path), name='pets')
+    assert os.path.isdir(out)
+    source = sources.open_source('pets', 'train', str(tmp_path))
+    assert len(source) == 10
+    seen = set()
+    for record in source:
+        file_name = record['file_name'].decode()
+        seen.add(file_name)
+        assert record['label'] == ('cat', 'dog').index(file_name.split('/')[0])
+        image = transforms.decode_image(record['image'])
+        assert image.mode == 'RGB'
+        if file_name in pixels:
+            np.testing.assert_array_equal(np.asarray(image), pixels[file_name])
+        else:  # grayscale JPEG → three equal channels
+            array = np.asarray(image)
+            assert array.shape[-1] == 3 and (array[..., 0] == array[..., 2]).all()
+    assert len(seen) == 10
+    # Second call is a no-op on the prepared dataset.
+    assert sources.prepare_image_folder(src, str(tmp_path), name='pets') == out
+
+
+def test_image_folder_cli_with_split_folders(tmp_path):
+    rng = np.random.default_rng(1)
+    for split, count in (('train', 3), ('val', 2)):
+        for name in ('a', 'b'):
+            os.makedirs(tmp_path / 'src' / split / name)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                    tmp_path / 'src' / split / name / f'{i}.png')
+    result = subprocess.run(
+        [sys.executable, '-m', 'beitv2_jax.data.sources', 'prepare-folder', '--src',
+         str(tmp_path / 'src'), '--data_dir', str(tmp_path / 'tfds'), '--name', 'ab'],
+        cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT), capture_output=True, text=True,
+        timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(sources.open_source('ab', 'train', str(tmp_path / 'tfds'))) == 6
+    assert len(sources.open_source('ab', 'val', str(tmp_path / 'tfds'))) == 4
+
+
+@pytest.mark.parametrize('name,hint', [('imagenet2012', 'tfds build imagenet2012'),
+                                       ('my_folder', 'prepare-folder')])
+def test_missing_dataset_error(tmp_path, name, hint):
+    with pytest.raises(FileNotFoundError) as info:
+        sources.open_source(name, 'train', str(tmp_path))
+    message = str(info.value)
+    assert name in message and str(tmp_path) in message and hint in message
+
+
+def test_default_data_dir(monkeypatch):
+    monkeypatch.setenv('TFDS_DATA_DIR', '/some/where')
+    assert sources.default_data_dir() == '/some/where'
+    monkeypatch.delenv('TFDS_DATA_DIR')
+    assert sources.default_data_dir() == os.path.expanduser('~/tensorflow_datasets')
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms.
+# ---------------------------------------------------------------------------------------------
+
+
+def _test_image(h=48, w=40):
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:h, :w]
+    smooth = np.stack([yy * 4, xx * 5, (yy + xx) * 2], -1) % 256
+    return (smooth + rng.integers(0, 30, (h, w, 3))).clip(0, 255).astype(np.uint8)
+
+
+def test_views_share_jitter_flip_and_crop():
+    transform = transforms.PretrainTransform(input_size=32, second_input_size=32, patch_size=8,
+                                             num_masked_patches=6, min_mask_patches_per_block=2)
+    element = {'image': _test_image(), 'label': 3}
+    for seed in range(20):
+        out = transform.random_map(element, np.random.default_rng(seed))
+        np.testing.assert_allclose(transforms.normalize(out['tokenizer_image']), out['image'],
+                                   atol=1e-5)
+        assert out['image'].dtype == out['tokenizer_image'].dtype == np.float32
+        assert out['mask'].shape == (16,) and out['mask'].sum() == 6
+        assert out['label'] == 3 and out['label'].dtype == np.int32
+        assert 0 <= out['tokenizer_image'].min() and out['tokenizer_image'].max() <= 1
+
+
+def test_pretrain_transform_matches_step_by_step_reference():
+    """Same generator → same draws in the order jitter, flip, crop box, mask (reference §2.4)."""
+    transform = transforms.PretrainTransform(input_size=24, second_input_size=16, patch_size=8,
+                                             num_masked_patches=4, min_mask_patches_per_block=2)
+    array = _test_image()
+    out = transform.random_map({'image': array, 'label': 0}, np.random.default_rng(11))
+    rng = np.random.default_rng(11)
+    image = transforms.color_jitter(Image.fromarray(array), rng)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    box = transforms.random_resized_crop_box(image.height, image.width, rng, scale=(0.2, 1.0))
+    second = image.crop((box[1], box[0], box[1] + box[3], box[0] + box[2])).resize(
+        (16, 16), Image.Resampling.BICUBIC)
+    np.testing.assert_array_equal(out['tokenizer_image'], np.asarray(second, np.float32) / 255)
+    np.testing.assert_array_equal(out['mask'], transform.masking(rng).reshape(-1))
+
+
+def test_crop_box_statistics_and_fallback():
+    rng = np.random.default_rng(0)
+    fractions = []
+    for _ in range(2000):
+        top, left, h, w = transforms.random_resized_crop_box(60, 80, rng, scale=(0.2, 1.0))
+        assert 0 <= top and top + h <= 60 and 0 <= left and left + w <= 80
+        assert 3 / 4 - 0.1 <= w / h <= 4 / 3 + 0.1
+        fractions.append(h * w / 4800)
+    assert 0.18 <= min(fractions) and np.mean(fractions) == pytest.approx(0.50, abs=0.02)
+    # Impossible scale → torchvision centre-crop fallback clipped to the max ratio.
+    assert transforms.random_resized_crop_box(10, 100, rng, scale=(5.0, 6.0)) == (0, 43, 10, 13)
+
+
+def test_torchvision_parity():
+    torch = pytest.importorskip('torch')
+    tv = pytest.importorskip('torchvision.transforms')
+    tvf = pytest.importorskip('torchvision.transforms.functional')
+    image = Image.fromarray(_test_image(50, 70))
+    jitter = tv.ColorJitter(0.4, 0.4, 0.4)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        order, b, c, s, _ = tv.ColorJitter.get_params(jitter.brightness, jitter.contrast,
+                                                      jitter.saturation, jitter.hue)
+        torch.manual_seed(seed)
+        expected = jitter(image)
+        ours = transforms.apply_color_jitter(image, order.numpy(), (b, c, s))
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(expected))
+    # Crop boxes follow the same distribution as RandomResizedCrop.get_params (different RNGs).
+    rng = np.random.default_rng(0)
+    area = lambda box: box[2] * box[3] / (50 * 70)
+    ours = [area(transforms.random_resized_crop_box(50, 70, rng, (0.2, 1.0))) for _ in range(4000)]
+    theirs = [area(tv.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3)))
+              for _ in range(4000)]
+    assert np.mean(ours) == pytest.approx(np.mean(theirs), abs=0.015)
+    assert np.std(ours) == pytest.approx(np.std(theirs), abs=0.015)
+    box = (5, 7, 30, 41)
+    expected = tvf.resized_crop(image, *box, [24, 24], tv.InterpolationMode.BICUBIC)
+    np.testing.assert_array_equal(np.asarray(transforms.resized_crop(image, box, 24)),
+                                  np.asarray(expected))
+    eval_tv = tv.Compose([tv.Resize(int(24 / 0.875), tv.InterpolationMode.BICUBIC),
+                          tv.CenterCrop(24), tv.ToTensor(),
+                          tv.Normalize(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)])
+    ours = transforms.EvalTransform(input_size=24).map({'image': np.asarray(image), 'label': 1})
+    np.testing.assert_allclose(ours['image'], eval_tv(image).permute(1, 2, 0).numpy(), atol=1e-5)
+
+
+def test_eval_and_tokenizer_transforms():
+    element = {'image': _test_image(), 'label': 2}
+    out = transforms.EvalTransform(input_size=32, normalize_image=False).map(element)
+    assert out['image'].shape == (32, 32, 3) and 0 <= out['image'].min() <= out['image'].max() <= 1
+    tok = transforms.TokenizerTrainTransform(input_size=16)
+    a = tok.random_map(element, np.random.default_rng(0))
+    b = tok.random_map(element, np.random.default_rng(0))
+    np.testing.assert_array_equal(a['image'], b['image'])
+    assert a['image'].shape == (16, 16, 3) and set(a) == {'image', 'label'}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline.
+# ---------------------------------------------------------------------------------------------
+
+
+class _KeepIndex(grain.transforms.Map):
+
+    def map(self, element):
+        return {'index': np.int64(element['index'])}
+
+
+def _indices(ds):
+    return [int(i) for batch in ds for i in batch['index']]
+
+
+def test_shards_are_disjoint_and_cover():
+    source = [{'index': i} for i in range(40)]
+    kwargs = dict(transform=_KeepIndex(), global_batch_size=8, process_count=2, seed=4,
+                  num_epochs=1)
+    shards = [_indices(pipeline.make_dataset(source, process_index=p, **kwargs)) for p in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 20
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == list(range(40))
+    # Every epoch is a fresh permutation of the same shard.
+    two_epochs = _indices(pipeline.make_dataset(source, process_index=0,
+                                                **dict(kwargs, num_epochs=2)))
+    assert two_epochs[:20] == shards[0] and sorted(two_epochs[20:]) == sorted(shards[0])
+    assert two_epochs[20:] != two_epochs[:20]
+    # Uneven sizes: equal shard lengths so every process makes the same number of steps.
+    uneven = [{'index': i} for i in range(11)]
+    lengths = {len(_indices(pipeline.make_dataset(uneven, process_index=p, **dict(
+        kwargs, global_batch_size=2, drop_remainder=False)))) for p in (0, 1)}
+    assert lengths == {5}
+
+
+def test_pretrain_batches_and_seed_determinism(demo_dir):
+    config = tiny_config(demo_dir[0])
+    first = take(pipeline.make_pretrain_iterator(config, 8, seed=0, process_index=0,
+                                                 process_count=1), 2)
+    batch = first[0]
+    assert batch['image'].shape == batch['tokenizer_image'].shape == (8, 32, 32, 3)
+    assert batch['image'].dtype == batch['tokenizer_image'].dtype == np.float32
+    assert batch['mask'].shape == (8, 16) and batch['mask'].dtype == bool
+    np.testing.assert_array_equal(batch['mask'].sum(1), 6)
+    assert batch['label'].dtype == np.int32 and batch['label'].shape == (8,)
+    again = take(pipeline.make_pretrain_iterator(config, 8, seed=0, process_index=0,
+                                                 process_count=1), 2)
+    assert_batches_equal(first, again)
+    other = take(pipeline.make_pretrain_iterator(config, 8, seed=1, process_index=0,
+                                                 process_count=1), 1)
+    assert not np.array_equal(other[0]['image'], first[0]['image'])
+    # Two processes draw different augmentations and different records.
+    p1 = take(pipeline.make_pretrain_iterator(config, 16, seed=0, process_index=1,
+                                              process_count=2), 1)
+    assert not np.array_equal(p1[0]['mask'], first[0]['mask'])
+
+
+def test_worker_count_independence_and_state_restore(demo_dir):
+    """0 vs 2 prefetch processes give identical batches; get_state/set_state resumes exactly."""
+    results = {}
+    for num_workers in (0, 2):
+        config = tiny_config(demo_dir[0], num_workers=num_workers)
+        iterator = pipeline.make_pretrain_iterator(config, 4, seed=7, process_index=0, process_count=1)
+        head = take(iterator, 3)
+        state = pipeline.IteratorState.save(iterator)
+        tail = take(iterator, 2)
+        resumed = pipeline.make_pretrain_iterator(config, 4, seed=7, process_index=0, process_count=1)
+        pipeline.IteratorState.restore(resumed, state)
+        assert_batches_equal(take(resumed, 2), tail)
+        for it in (iterator, resumed):
+            if hasattr(it, 'close'):
+                it.close()
+        results[num_workers] = head + tail
+    assert_batches_equal(results[0], results[2])
+
+
+def test_eval_and_tokenizer_iterators(demo_dir):
+    config = tiny_config(demo_dir[0], eval_split='test')
+    batches = list(pipeline.make_eval_iterator(config, 384, process_index=0, process_count=1))
+    assert [len(b['label']) for b in batches] == [384, 384, 232]
+    assert batches[0]['image'].shape == (384, 32, 32, 3) and set(batches[0]) == {'image', 'label'}
+    tok = next(pipeline.make_tokenizer_iterator(config, 4, seed=0, process_index=0,
+                                                process_count=1))
+    assert tok['image'].shape == (4, 32, 32, 3) and tok['image'].min() >= 0
+
+
+def test_no_tensorflow_imported(demo_dir, image_folder, tmp_path):
+    result = _run_python(f"""
+        import sys
+        from beitv2_jax.data import pipeline, sources
+        config = pipeline.default_data_config()
+        config.update(dict(data_dir={demo_dir[0]!r}, input_size=32, second_input_size=32,
+                           patch_size=8, num_masked_patches=6, min_mask_patches_per_block=2,
+                           num_workers=0))
+        it = pipeline.make_pretrain_iterator(config, 4, seed=0, process_index=0, process_count=1)
+        next(it); next(it)
+        sources.prepare_image_folder({image_folder[0]!r}, {str(tmp_path)!r}, name='pets')
+        config.update(dict(dataset='pets', data_dir={str(tmp_path)!r}, eval_split='train'))
+        list(pipeline.make_eval_iterator(config, 4, process_index=0, process_count=1))
+        assert 'tensorflow' not in sys.modules, sorted(m for m in sys.modules if 'tensorflow' == m[:10])
+        print('ok')
+    """)
+    assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-3000:]
