@@ -61,6 +61,14 @@ def load_config() -> ml_collections.ConfigDict:
     return config
 
 
+class _QuietLibraries:
+    """Drop INFO chatter of orbax/grain/jax from the log (warnings and errors still pass)."""
+
+    def filter(self, record) -> bool:
+        noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "/jax/", "/jaxlib/", "/tensorflow_datasets/"))
+        return record.levelno >= 30 or not noisy
+
+
 def run_task(config: ml_collections.ConfigDict, workdir: str):
     task = config.get("task")
     if task not in TASKS:
@@ -76,6 +84,7 @@ def main(argv):
     if not FLAGS.workdir:
         _die("--workdir is required")
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     from beitv2_jax import validate  # imported late: the config must parse before anything heavy loads
     try:
         validate.validate_config(config)

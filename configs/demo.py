@@ -44,7 +44,7 @@ def get_config():
     p = demo_data(recipes.beitv2_pretrain("base", 300))
     p.batch_size = 128
     p.num_epochs = 8
-    p.model.update(width=96, depth=4, num_heads=4, patch_size=4, vocab_size=512, early_layers=3, head_layers=2,
+    p.model.update(width=64, depth=4, num_heads=4, patch_size=4, vocab_size=512, early_layers=3, head_layers=2,
                    layer_scale_init=0.1, drop_path_rate=0.0)
     p.optim.update(lr=1.5e-3, min_lr=1e-5, warmup_epochs=1)
     p.log_every_steps = 20

@@ -72,6 +72,7 @@ class BEiTPretrainModel(nn.Module):
         if self.head_layers > 0:
             early = out["blocks"][self.early_layers - 1][:, 1:]
             x = jnp.concatenate([out["pre_norm"][:, :1], early], axis=1)
+            result["aggregation_input"] = x  # [B, 1 + N, D]: final-layer CLS (pre-norm) + early patch tokens
             total = max(bb.depth, self.early_layers + self.head_layers)
             rates = vit.drop_path_rates(bb.drop_path_rate, total)
             bias = out.get("shared_bias")  # the cls_pt blocks use the same shared table
