@@ -87,7 +87,7 @@ def no_decay_names(params) -> list[str]:
 
 
 def global_norm(tree) -> jax.Array:
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 def is_finite_tree(tree: Iterable) -> jax.Array:
