@@ -18,6 +18,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file (get_config()).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs of this run.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 for a multi-process run (optional on "
+                    "TPU pods and SLURM, where it is detected).")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 TASKS = ("vqkd", "pretrain", "demo")
 
@@ -83,6 +87,9 @@ def main(argv):
     config = load_config()
     if not FLAGS.workdir:
         _die("--workdir is required")
+    from beitv2_jax import distributed
+
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     from beitv2_jax import validate  # imported late: the config must parse before anything heavy loads

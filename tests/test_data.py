@@ -308,16 +308,22 @@ def test_shards_are_disjoint_and_cover():
     assert len(shards[0]) == len(shards[1]) == 20
     assert not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == list(range(40))
-    # Every epoch is a fresh permutation of the same shard.
+    # Process i holds rows [4i, 4i+4) of each global batch of the 1-process stream.
+    single = _indices(pipeline.make_dataset(source, process_index=0, **dict(kwargs, process_count=1)))
+    for k in range(5):
+        assert single[8 * k:8 * k + 8] == shards[0][4 * k:4 * k + 4] + shards[1][4 * k:4 * k + 4]
+    # Every epoch is a fresh permutation of the whole data set.
     two_epochs = _indices(pipeline.make_dataset(source, process_index=0,
-                                                **dict(kwargs, num_epochs=2)))
-    assert two_epochs[:20] == shards[0] and sorted(two_epochs[20:]) == sorted(shards[0])
-    assert two_epochs[20:] != two_epochs[:20]
-    # Uneven sizes: equal shard lengths so every process makes the same number of steps.
+                                                **dict(kwargs, num_epochs=2, process_count=1)))
+    assert two_epochs[:40] == single and sorted(two_epochs[40:]) == list(range(40))
+    assert two_epochs[40:] != two_epochs[:40]
+    # Uneven sizes in a padded evaluation pass: equal lengths on every process, padding marked invalid.
     uneven = [{'index': i} for i in range(11)]
-    lengths = {len(_indices(pipeline.make_dataset(uneven, process_index=p, **dict(
-        kwargs, global_batch_size=2, drop_remainder=False)))) for p in (0, 1)}
-    assert lengths == {5}
+    eval_kwargs = dict(kwargs, global_batch_size=4, drop_remainder=False, shuffle=False)
+    batches = [list(pipeline.make_dataset(uneven, process_index=p, **eval_kwargs)) for p in (0, 1)]
+    assert len(batches[0]) == len(batches[1]) == 3
+    valid = [int(i) for b in batches for batch in b for i, v in zip(batch['index'], batch['valid']) if v]
+    assert sorted(valid) == list(range(11))
 
 
 def test_pretrain_batches_and_seed_determinism(demo_dir):
@@ -364,8 +370,10 @@ def test_worker_count_independence_and_state_restore(demo_dir):
 def test_eval_and_tokenizer_iterators(demo_dir):
     config = tiny_config(demo_dir[0], eval_split='test')
     batches = list(pipeline.make_eval_iterator(config, 384, process_index=0, process_count=1))
-    assert [len(b['label']) for b in batches] == [384, 384, 232]
-    assert batches[0]['image'].shape == (384, 32, 32, 3) and set(batches[0]) == {'image', 'label'}
+    assert [len(b['label']) for b in batches] == [384, 384, 384]  # padded to whole batches
+    assert [int(b['valid'].sum()) for b in batches] == [384, 384, 232]
+    assert batches[0]['image'].shape == (384, 32, 32, 3)
+    assert set(batches[0]) == {'image', 'label', 'valid'}
     tok = next(pipeline.make_tokenizer_iterator(config, 4, seed=0, process_index=0,
                                                 process_count=1))
     assert tok['image'].shape == (4, 32, 32, 3) and tok['image'].min() >= 0

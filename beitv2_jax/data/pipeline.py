@@ -56,49 +56,52 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def shard(ds: grain.MapDataset, process_index: int, process_count: int,
-          even_shards: bool = True) -> grain.MapDataset:
-    """Strided shard ``ds[process_index::process_count]``.
-
-    With ``even_shards`` every shard has ``len(ds) // process_count`` records (the last
-    ``len(ds) % process_count`` records are dropped) so all processes see the same number of batches.
-    """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
-    local = ds[process_index::process_count]
-    return local[:len(ds) // process_count] if even_shards else local
-
-
 def make_dataset(source, *, transform, global_batch_size: int, process_index: int,
                  process_count: int, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None, drop_remainder: bool = True,
-                 num_workers: int = 0, read_threads: int = 4, prefetch_batches: int = 4,
-                 even_shards: bool = True) -> grain.IterDataset:
-    """Builds the per-process batched stream.
+                 num_workers: int = 0, read_threads: int = 4, prefetch_batches: int = 4) -> grain.IterDataset:
+    """Builds this process's slice of the global batch stream.
+
+    One global stream is defined identically on every process: shuffle (per epoch, ``seed``) → repeat →
+    augment (each record's generator is keyed by its *global* position) → global batches of
+    ``global_batch_size``. Process ``i`` of ``P`` yields rows ``[i·b, (i+1)·b)`` of every global batch
+    (``b = global_batch_size / P``) and computes only those. So the global batch — content and augmentation —
+    is the same for any process count, and the result does not depend on the worker count.
+
+    With ``drop_remainder=False`` (one pass for evaluation) the data are padded by repeating the last record
+    to a whole number of global batches, and every record carries ``valid`` (False on padding).
 
     Args:
       source: random-access source (``len`` + ``__getitem__``), e.g. from ``sources.open_source``.
-      transform: ``grain.transforms.RandomMap`` (gets a per-record generator seeded by
-        (seed, process_index, record position)), ``grain.transforms.Map`` or a plain callable.
-      global_batch_size: batch over all processes; each process yields
-        ``global_batch_size // process_count`` records per batch.
-      process_index, process_count: this host's shard.
+      transform: ``grain.transforms.RandomMap`` (per-record generator), ``grain.transforms.Map`` or a callable.
+      global_batch_size: batch over all processes.
+      process_index, process_count: this host's slice.
       seed: pipeline seed (shuffle order per epoch and augmentation).
       shuffle: reshuffle every epoch.
       num_epochs: None repeats forever.
-      drop_remainder: drop a final partial batch.
+      drop_remainder: drop a final partial global batch (else pad it, see above).
       num_workers: grain prefetch processes (0: in this process).
       read_threads, prefetch_batches: per-process threads and buffered batches.
-      even_shards: see :func:`shard`.
 
     Returns:
-      ``grain.IterDataset`` of batches (dicts of numpy arrays with a leading batch axis).
+      ``grain.IterDataset`` of batches (dicts of numpy arrays with a leading batch axis of ``b``).
     """
     if global_batch_size % process_count:
         raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
                          f'process_count={process_count}.')
-    shuffle_seed, map_seed = _stream_seeds(seed, process_index)
-    ds = shard(grain.MapDataset.source(source), process_index, process_count, even_shards)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
+    if len(source) == 0:
+        raise ValueError('the dataset is empty')
+    shuffle_seed, map_seed = _stream_seeds(seed, 0)  # the same on every process: one global stream
+    ds = grain.MapDataset.source(source)
+    num_records = len(ds)
+    padded = num_records
+    if not drop_remainder:
+        if shuffle:
+            raise ValueError('drop_remainder=False (padded evaluation pass) needs shuffle=False')
+        padded = -(-num_records // global_batch_size) * global_batch_size
+        ds = grain.MapDataset.range(padded).map(lambda i: source[min(i, num_records - 1)])
     if shuffle:
         ds = ds.shuffle(seed=shuffle_seed)
     ds = ds.repeat(num_epochs)
@@ -106,7 +109,11 @@ def make_dataset(source, *, transform, global_batch_size: int, process_index: in
         ds = ds.random_map(transform, seed=map_seed)
     else:
         ds = ds.map(transform)
-    ds = ds.batch(global_batch_size // process_count, drop_remainder=drop_remainder)
+    if not drop_remainder:
+        ds = ds.map_with_index(lambda i, x: {**x, 'valid': np.bool_(i % padded < num_records)})
+    local = global_batch_size // process_count
+    ds = ds.batch(local, drop_remainder=True)
+    ds = ds[process_index::process_count]
     read_options = grain.ReadOptions(num_threads=read_threads,
                                      prefetch_buffer_size=max(prefetch_batches, read_threads))
     iter_ds = ds.to_iter_dataset(read_options)

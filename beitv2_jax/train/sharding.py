@@ -60,3 +60,61 @@ def to_global_batch(batch: dict, mesh: Mesh) -> dict:
     """Host-local numpy batch (this process's rows) → global ``jax.Array``s sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+# Logical parameter axes (set in models/vit.py via nn.with_logical_partitioning) → mesh axes.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("embed", "fsdp"),  # the model width: parameters split over fsdp (ZeRO-3 style)
+    ("mlp", "tensor"),  # MLP hidden units: tensor parallel
+    ("heads", "tensor"),  # attention heads: tensor parallel
+    ("kv", None),  # per-head dim stays whole
+    ("vocab", "tensor"),  # LM / classification head outputs
+)
+
+
+def logical_axis_rules(config) -> tuple:
+    """``config.logical_axis_rules`` (list of (logical, mesh axis or None)) or the defaults."""
+    rules = config.get("logical_axis_rules") if config is not None else None
+    if not rules:
+        return DEFAULT_LOGICAL_AXIS_RULES
+    return tuple((str(a), None if b in (None, "", "none") else b) for a, b in rules)
+
+
+def param_shardings(boxed_params, mesh: Mesh, rules=DEFAULT_LOGICAL_AXIS_RULES):
+    """NamedShardings for a parameter tree whose leaves carry logical names (``nn.Partitioned`` boxes, e.g. the
+    output of ``jax.eval_shape(model.init, ...)``); the result has the structure of the *unboxed* tree.
+    Leaves without names are replicated."""
+    import flax.linen as nn
+
+    specs = nn.get_partition_spec(boxed_params)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def state_shardings(abstract_state, params_sharding, tx, mesh: Mesh):
+    """Shardings for a whole ``TrainState``: params as given, optimizer moments like their parameters
+    (``optax.tree_map_params``), everything else (step, codebook, counters, rng) replicated."""
+    import optax
+
+    rep = replicated(mesh)
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, params_sharding,
+                                transform_non_params=lambda _: rep,
+                                is_leaf=lambda x: isinstance(x, NamedSharding))
+    return abstract_state.replace(
+        step=rep, params=params_sharding, opt_state=opt, model_state=jax.tree.map(lambda _: rep,
+                                                                                  abstract_state.model_state),
+        extra=jax.tree.map(lambda _: rep, abstract_state.extra), rng=rep)
+
+
+def check_divisible(abstract_params, shardings) -> None:
+    """Clear error when a sharded dimension does not divide by its mesh axes (instead of an XLA failure)."""
+    flat_p = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    flat_s = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), sh in zip(flat_p, flat_s):
+        for dim, axes in zip(leaf.shape, tuple(sh.spec) + (None,) * (len(leaf.shape) - len(sh.spec))):
+            if axes is None:
+                continue
+            size = math.prod(sh.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+            if dim % size:
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                raise ValueError(f"parameter {name} dim {dim} does not divide by mesh axes {axes} (size {size}); "
+                                 f"change config.mesh or config.logical_axis_rules")

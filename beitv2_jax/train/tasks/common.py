@@ -58,22 +58,19 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
     return n // config.batch_size
 
 
-def padded_batches(iterator: Iterator[dict], batch_size: int) -> Iterator[tuple[dict, np.ndarray]]:
-    """Pad the (possibly short) last batch to ``batch_size``; yields ``(batch, valid [batch_size] bool)``."""
-    for batch in iterator:
-        n = len(next(iter(batch.values())))
-        valid = np.arange(batch_size) < n
-        if n < batch_size:
-            batch = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)]) for k, v in batch.items()}
-        yield batch, valid
-
-
-def eval_pass(fn: Callable, iterator: Iterator[dict], batch_size: int, mesh) -> list:
-    """Apply jitted ``fn(batch) -> pytree of [batch, ...]`` to every padded eval batch; returns host arrays
-    with the padding removed, one list entry per batch."""
+def eval_pass(fn: Callable, iterator: Iterator[dict], mesh) -> list:
+    """Apply jitted ``fn(batch) -> pytree of [batch, ...]`` to every batch of a padded evaluation pass
+    (``pipeline.make_eval_iterator``); returns host arrays without the padding rows, one entry per batch."""
     outputs = []
-    for batch, valid in padded_batches(iterator, batch_size):
-        out = jax.device_get(fn(sharding.to_global_batch(batch, mesh)))
+    for batch in iterator:
+        valid = np.asarray(batch.pop("valid"))
+        out = fn(sharding.to_global_batch(batch, mesh))
+        if jax.process_count() > 1:  # every process gets the whole global batch
+            from jax.experimental import multihost_utils
+
+            out = multihost_utils.process_allgather(out, tiled=True)
+            valid = multihost_utils.process_allgather(valid, tiled=True)
+        out = jax.device_get(out)
         outputs.append(jax.tree.map(lambda x: np.asarray(x)[valid], out))
     return outputs
 
@@ -114,3 +111,20 @@ def token_map_png(images: np.ndarray, tokens: np.ndarray, path: str, num_codes: 
 def log_header(name: str, config: ml_collections.ConfigDict, workdir: str) -> None:
     logging.info("task %s: workdir=%s devices=%d (%s) processes=%d", name, workdir, jax.device_count(),
                  jax.devices()[0].platform, jax.process_count())
+
+
+def shard_state(state, boxed_params, tx, mesh, config):
+    """Place ``state`` on ``mesh``: parameters and their optimizer moments by the models' logical axis names and
+    ``config.logical_axis_rules``, the rest replicated. Returns ``(state, state_shardings)``."""
+    param_sh = sharding.param_shardings(boxed_params, mesh, sharding.logical_axis_rules(config))
+    sharding.check_divisible(state.params, param_sh)
+    state_sh = sharding.state_shardings(jax.eval_shape(lambda: state), param_sh, tx, mesh)
+    return jax.device_put(state, state_sh), state_sh
+
+
+def jit_train_step(step_fn, state_sh, mesh):
+    """``jax.jit`` of ``step_fn(state, batch, frozen)`` with the state sharded and donated, the batch split over
+    the batch axes and the frozen model (teacher / tokenizer) replicated."""
+    rep = sharding.replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(state_sh, sharding.batch_sharding(mesh), rep),
+                   out_shardings=(state_sh, rep), donate_argnums=0)

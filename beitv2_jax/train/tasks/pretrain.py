@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -98,17 +99,19 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     total_steps = steps_per_epoch * config.num_epochs
     size, n = config.data.input_size, model.backbone.num_patches
     dummy_mask = jnp.zeros((1, n), bool).at[:, :config.data.num_masked_patches].set(True)
-    params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)), dummy_mask)["params"]
+    params = flax.linen.meta.unbox(
+        jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)), dummy_mask)["params"])
     logging.info("BEiT pretraining model: %d parameters", beit_lib.count_params(params))
     tx, schedule = optim.make_optimizer(config.optim, params, total_steps, steps_per_epoch)
     state = state_lib.create(params, tx, extra={"bad_steps": jnp.zeros((), jnp.int32)}, seed=config.seed)
-    state = jax.device_put(state, sharding.replicated(mesh))
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), dummy_mask)
+    state, state_sh = common.shard_state(state, boxed["params"], tx, mesh, config)
     tokenizer_variables = jax.device_put(tokenizer_variables, sharding.replicated(mesh))
 
     iterator = pipeline.make_pretrain_iterator(config.data, config.batch_size, seed=config.seed)
     manager = ckpt_lib.make_manager(workdir, config.get("keep_checkpoints", 3))
     state = loop.resume(manager, state, iterator)
-    step_fn = jax.jit(make_train_step(model, tokenizer, tx, schedule), donate_argnums=0)
+    step_fn = common.jit_train_step(make_train_step(model, tokenizer, tx, schedule), state_sh, mesh)
     train_step = functools.partial(_with_tokenizer, step_fn, tokenizer_variables)
     state = loop.run(workdir=workdir, state=state, train_step=train_step, iterator=iterator, mesh=mesh,
                      total_steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,

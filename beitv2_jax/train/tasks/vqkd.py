@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -83,7 +84,7 @@ def evaluate(model, variables, teacher, teacher_params, config, mesh):
 
     batch = config.get("eval_batch_size") or config.batch_size
     iterator = pipeline.make_eval_iterator(config.data, batch, normalize_image=False)
-    outs = common.eval_pass(eval_fn, iterator, batch, mesh)
+    outs = common.eval_pass(eval_fn, iterator, mesh)
     rec = np.concatenate([o["rec_loss"] for o in outs])
     indices = np.concatenate([o["indices"] for o in outs]).reshape(-1)
     return float(rec.mean()), np.bincount(indices, minlength=model.num_codes)
@@ -101,6 +102,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     total_steps = steps_per_epoch * config.num_epochs
     size = config.data.input_size
     variables = jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3), jnp.float32))
+    variables = flax.linen.meta.unbox(variables)  # logical names are read from the model when sharding
     params = variables["params"]
     optim_cfg = config.optim.copy_and_resolve_references()
     with optim_cfg.unlocked():
@@ -109,13 +111,14 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     extra = {"epoch_counts": jnp.zeros((model.num_codes,), jnp.float32), "bad_steps": jnp.zeros((), jnp.int32)}
     state = state_lib.create(params, tx, model_state={"codebook": variables["codebook"]}, extra=extra,
                              seed=config.seed)
-    state = jax.device_put(state, sharding.replicated(mesh))
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
+    state, state_sh = common.shard_state(state, boxed["params"], tx, mesh, config)
     teacher_params = jax.device_put(teacher_params, sharding.replicated(mesh))
 
     iterator = pipeline.make_tokenizer_iterator(config.data, config.batch_size, seed=config.seed)
     manager = ckpt_lib.make_manager(workdir, config.get("keep_checkpoints", 3))
     state = loop.resume(manager, state, iterator)
-    step_fn = jax.jit(make_train_step(model, teacher, tx, schedule), donate_argnums=0)
+    step_fn = common.jit_train_step(make_train_step(model, teacher, tx, schedule), state_sh, mesh)
     train_step = functools.partial(_with_teacher, step_fn, teacher_params)
     writer = MetricsWriter(workdir)
 
