@@ -9,6 +9,7 @@ import json
 import os
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -93,7 +94,8 @@ def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_d
     model = pretrain.build_model(model_cfg)
     size, n = data.input_size, model.backbone.num_patches
     mask = jnp.zeros((1, n), bool).at[:, :data.num_masked_patches].set(True)
-    random_params = model.init(jax.random.PRNGKey(config.seed + 7), jnp.zeros((1, size, size, 3)), mask)["params"]
+    random_params = flax.linen.meta.unbox(
+        model.init(jax.random.PRNGKey(config.seed + 7), jnp.zeros((1, size, size, 3)), mask)["params"])
     for pooling in ("cls", "mean"):
         fn, _ = beit_features(model_cfg, random_params, pooling)
         knn_of(f"same encoder, random init ({pooling})", fn)
@@ -103,7 +105,7 @@ def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_d
     iterator = pipeline.make_eval_iterator(data, batch, normalize_image=False)
     index_fn = jax.jit(lambda b: {"ids": tokenizer.apply(tok_vars, b["image"], method="get_codebook_indices"),
                                   "image": b["image"]})
-    outs = common.eval_pass(index_fn, iterator, batch, mesh)
+    outs = common.eval_pass(index_fn, iterator, mesh)
     ids = np.concatenate([o["ids"] for o in outs])
     counts = np.bincount(ids.reshape(-1), minlength=tokenizer.num_codes)
     common.usage_histogram_png(counts, os.path.join(workdir, "codebook_usage.png"), "test-split code usage")

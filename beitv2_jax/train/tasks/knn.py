@@ -32,8 +32,7 @@ def l2n(x: np.ndarray) -> np.ndarray:
 def extract_features(feature_fn: Callable, data_config, split: str, batch_size: int, mesh):
     """``(features [n, D] float32, labels [n])`` of a whole split through the eval transform."""
     iterator = pipeline.make_eval_iterator(data_config, batch_size, split=split)
-    outs = common.eval_pass(jax.jit(lambda b: {"f": feature_fn(b["image"]), "y": b["label"]}), iterator,
-                            batch_size, mesh)
+    outs = common.eval_pass(jax.jit(lambda b: {"f": feature_fn(b["image"]), "y": b["label"]}), iterator, mesh)
     return np.concatenate([o["f"] for o in outs]).astype(np.float32), np.concatenate([o["y"] for o in outs])
 
 
