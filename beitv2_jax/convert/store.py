@@ -1,0 +1,104 @@
+"""Our on-disk format for converted (or exported) weights.
+
+A directory holding::
+
+  model.json     {"format": "beitv2_jax.variables", "version": 1, "model_kind": "vit" | "beit_pretrain" | "vqkd",
+                  "model_config": {...}, "collections": ["params", ...], "info": {...}}
+  variables/     an orbax checkpoint of {"params": ..., ["codebook": ...]} (plain arrays, no partition boxes)
+
+Rebuild the model with ``model_shapes.build_model(model_kind, model_config)`` and apply it to ``variables``.
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place at the end,
+so a crashed or interrupted save never leaves a half-written directory under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+FORMAT = "beitv2_jax.variables"
+VERSION = 1
+MODEL_JSON = "model.json"
+VARIABLES_DIR = "variables"
+
+
+def _plain_tree(variables: Mapping[str, Any]) -> dict:
+    import flax.linen as nn
+    import jax
+
+    return jax.tree.map(np.asarray, nn.meta.unbox(dict(variables)))
+
+
+def save_variables(directory: str, variables: Mapping[str, Any], model_kind: str, model_config: Mapping[str, Any],
+                   *, info: Optional[Mapping[str, Any]] = None, overwrite: bool = True) -> str:
+    """Write ``variables`` (``{'params': ..., ['codebook': ...]}``) and the model description to ``directory``.
+
+    ``info`` is free-form provenance (source file, format, ...). An existing ``directory`` is replaced
+    (the new one is complete before the old one is moved aside); ``overwrite=False`` refuses instead.
+    """
+    import orbax.checkpoint as ocp
+
+    from beitv2_jax.convert.model_shapes import MODEL_KINDS
+
+    if model_kind not in MODEL_KINDS:
+        raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {model_kind!r}")
+    if "params" not in variables:
+        raise ValueError(f"variables need a 'params' collection, got {sorted(variables)}")
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"{directory} exists (refusing to replace it: overwrite=False)")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{tag}")
+    tree = _plain_tree(variables)
+    description = {"format": FORMAT, "version": VERSION, "model_kind": model_kind,
+                   "model_config": json.loads(json.dumps(dict(model_config))), "collections": sorted(tree),
+                   "info": dict(info or {})}
+    try:
+        os.makedirs(tmp)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(tmp, VARIABLES_DIR), tree)
+        with open(os.path.join(tmp, MODEL_JSON), "w") as f:
+            json.dump(description, f, indent=2, sort_keys=True)
+        if os.path.exists(directory):
+            old = os.path.join(parent, f".{os.path.basename(directory)}.old-{tag}")
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def read_description(directory: str) -> dict:
+    path = os.path.join(directory, MODEL_JSON)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} is not a converted-weights directory (no {MODEL_JSON})")
+    with open(path) as f:
+        description = json.load(f)
+    if description.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown format {description.get('format')!r}")
+    if description.get("version", 0) > VERSION:
+        raise ValueError(f"{path}: version {description['version']} is newer than this code ({VERSION})")
+    return description
+
+
+def load_variables(directory: str) -> tuple:
+    """``(variables, model_kind, model_config)``; variables are numpy arrays (``{'params': ..., ...}``)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    description = read_description(directory)
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.restore(os.path.join(directory, VARIABLES_DIR))
+    variables = jax.tree.map(np.asarray, tree)
+    return variables, description["model_kind"], description["model_config"]
