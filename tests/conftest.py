@@ -25,3 +25,22 @@ def load_config_file(name: str, arg=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config() if arg is None else module.get_config(arg)
+
+
+def make_random_tokenizer(directory, image_size=16, patch_size=4, num_codes=64):
+    """A tiny VQ-KD tokenizer with random weights and a k-means-initialised codebook, saved with convert.store."""
+    import flax
+    import jax
+    import jax.numpy as jnp
+
+    from beitv2_jax.convert import store
+    from beitv2_jax.models import vqkd
+
+    cfg = dict(image_size=image_size, patch_size=patch_size, width=32, depth=1, num_heads=2, decoder_depth=1,
+               num_codes=num_codes, code_dim=8, teacher_dim=16)
+    model = vqkd.build_vqkd(cfg)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (16, image_size, image_size, 3))
+    variables = flax.linen.meta.unbox(model.init(jax.random.PRNGKey(0), x[:1]))
+    _, update = model.apply(variables, x, train=True, mutable=["codebook"])
+    store.save_variables(str(directory), {**variables, **update}, "vqkd", cfg)
+    return str(directory)
