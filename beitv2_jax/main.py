@@ -2,7 +2,10 @@
 
 The config's ``task`` field picks the job (``vqkd``, ``pretrain``, ``demo``, ...); each task lives in
 ``beitv2_jax/train/tasks/<task>.py`` and exposes ``run(config, workdir)``. Bad flags (unknown override keys, a
-missing config file, values of the wrong type) end the program with one line on stderr and exit code 2.
+missing config file, values of the wrong type) and invalid configs (``validate.py``, checked before any compute) end
+the program with one line on stderr and exit code 2. SIGTERM saves a checkpoint at the next step and exits 0 (run
+the same command to resume); a run stopped by the non-finite guard, an unwritable final checkpoint or broken data
+exits 1 with one line.
 """
 from __future__ import annotations
 
@@ -23,12 +26,12 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 for a m
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
-TASKS = ("vqkd", "pretrain", "demo")
+TASKS = ("vqkd", "pretrain", "demo", "finetune", "linear_probe", "knn")
 
 
-def _die(message: str) -> None:
+def _die(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def _explain_flag_error(error: BaseException) -> str:
@@ -94,10 +97,27 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     from beitv2_jax import validate  # imported late: the config must parse before anything heavy loads
     try:
-        validate.validate_config(config)
+        validate.validate_config(config, FLAGS.workdir)
     except validate.ConfigError as e:
         _die(str(e))
-    run_task(config, FLAGS.workdir)
+    run_reporting_outcome(config, FLAGS.workdir)
+
+
+def run_reporting_outcome(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Run the task; a preemption stop exits 0, known failures end with one line on stderr and exit code 1."""
+    from beitv2_jax import validate
+    from beitv2_jax.data import transforms
+    from beitv2_jax.train import checkpoint, loop
+
+    try:
+        run_task(config, workdir)
+    except loop.Preempted as e:
+        logging.warning("%s", e)
+        sys.exit(0)
+    except validate.ConfigError as e:
+        _die(str(e))
+    except (loop.NonFiniteError, checkpoint.CheckpointError, transforms.BadDataError) as e:
+        _die(str(e), code=1)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,32 @@
-"""Config validation before any compute: one clear line naming the key and what is allowed."""
+"""Config validation before any compute: one clear line naming the key and what is allowed.
+
+Checks, in order: unknown keys and wrong types (against the recipe in ``beitv2_jax.recipes`` that defines the
+task's config), impossible values (masked patches, batch vs mesh, layers, ...), the files a run needs (tokenizer /
+teacher checkpoint, a non-empty dataset) and, with a workdir, that it does not hold a run with another config.
+"""
 from __future__ import annotations
 
+import json
 import os
+from typing import Any, Callable, Optional
 
 import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# Keys the tasks read with ``config.get`` that the recipes do not set: {task: {section: {key: allowed types}}}.
+_RUN_OPTIONAL = {"inject_nan_steps": (list, tuple), "logical_axis_rules": (list, tuple)}
+OPTIONAL_KEYS = {
+    "pretrain": {"": _RUN_OPTIONAL, "model": {"init_std": (int, float)}, "optim": {"warmup_steps": (int,)}},
+    "vqkd": {"": _RUN_OPTIONAL, "model": {"decoder_width": (int,), "decoder_heads": (int,),
+                                          "drop_path_rate": (int, float)}, "optim": {"warmup_steps": (int,)}},
+}
+# Keys that may change between the runs of one workdir (they do not change the results).
+OPERATIONAL_KEYS = frozenset({"allow_config_change", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                              "max_bad_steps", "inject_nan_steps", "num_workers", "read_threads", "prefetch_batches"})
+DTYPES = ("float32", "bfloat16")
+INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest")
+TEACHER_KINDS = ("clip", "dino", "vit_checkpoint")
 
 
 class ConfigError(ValueError):
@@ -15,14 +38,96 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _positive_int(config, key: str) -> None:
+def _reference(task: str) -> Optional[Callable[[], ConfigDict]]:
+    """The recipe that defines ``task``'s config keys and types, if known."""
+    from beitv2_jax import recipes
+
+    return {"pretrain": recipes.beitv2_pretrain, "vqkd": recipes.vqkd}.get(task)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unknown keys and types.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(types: tuple) -> str:
+    return " or ".join(t.__name__ for t in types)
+
+
+def _allowed_types(reference: ConfigDict, key: str) -> tuple:
+    """The types a value of ``reference[key]`` may have (ints are accepted for floats, lists for tuples)."""
+    expected = reference.get_type(key)
+    if expected is type(None):  # an untyped None in the recipe: anything goes
+        return (object,)
+    if expected is float:
+        return (int, float)
+    if expected in (list, tuple):
+        return (list, tuple)
+    return (expected,)
+
+
+def _type_ok(value: Any, types: tuple) -> bool:
+    if value is None:
+        return True  # placeholders (e.g. data_dir, max_mask_patches_per_block) are optional
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def check_keys(config: ConfigDict, reference: ConfigDict, path: str = "config", optional: Optional[dict] = None,
+               section: str = "") -> None:
+    """Every key of ``config`` exists in ``reference`` (or in ``optional[section]``, see ``OPTIONAL_KEYS``) with a
+    value of the same type; ``path`` names ``config`` in messages."""
+    extra = (optional or {}).get(section, {})
+    for key in config.keys():
+        name, value = f"{path}.{key}", config[key]
+        if key not in reference:
+            _require(key in extra, f"unknown config key {name!r}; allowed keys in {path}: "
+                                   f"{', '.join(sorted(set(reference.keys()) | set(extra)))}")
+            _require(_type_ok(value, extra[key]), f"{name} must be {_type_name(extra[key])}, got {value!r}")
+        elif isinstance(reference[key], ConfigDict):
+            _require(isinstance(value, ConfigDict), f"{name} must be a section (ConfigDict), got {value!r}")
+            check_keys(value, reference[key], name, optional, f"{section}.{key}".lstrip("."))
+        else:
+            types = _allowed_types(reference, key)
+            _require(_type_ok(value, types), f"{name} must be {_type_name(types)}, got {value!r} "
+                                             f"({type(value).__name__})")
+
+
+def check_demo_keys(config: ConfigDict) -> None:
+    """Demo: the run-level keys of ``recipes.base_run``, free-form sections, stage sections per their recipe."""
+    from beitv2_jax import recipes
+
+    base = recipes.base_run("demo")
+    for key in config.keys():
+        if key in ("vqkd", "pretrain"):
+            check_keys(config[key], _reference(key)(), f"config.{key}", OPTIONAL_KEYS[key])
+        elif key not in base:
+            _require(isinstance(config[key], ConfigDict),
+                     f"unknown config key 'config.{key}'; allowed run-level keys: {', '.join(sorted(base.keys()))}")
+    scalars = ConfigDict({k: config[k] for k in base.keys() if k in config})
+    check_keys(scalars, base)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(config, key: str, path: str = "config") -> None:
     value = config.get(key)
-    _require(isinstance(value, int) and value > 0, f"config.{key} must be a positive integer, got {value!r}")
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+             f"{path}.{key} must be a positive integer, got {value!r}")
 
 
-def validate_data(data: ml_collections.ConfigDict) -> None:
+def _one_of(config, key: str, allowed: tuple, path: str = "config") -> None:
+    value = config.get(key)
+    _require(value in allowed, f"{path}.{key} must be one of {allowed}, got {value!r}")
+
+
+def validate_data(data: ConfigDict) -> None:
     for key in ("input_size", "patch_size"):
-        _positive_int(data, key)
+        _positive_int(data, key, "config.data")
     _require(data.input_size % data.patch_size == 0,
              f"config.data.input_size={data.input_size} must be a multiple of config.data.patch_size="
              f"{data.patch_size}")
@@ -30,9 +135,15 @@ def validate_data(data: ml_collections.ConfigDict) -> None:
     _require(0 < data.num_masked_patches <= num_patches,
              f"config.data.num_masked_patches={data.num_masked_patches} must be in [1, {num_patches}] "
              f"(the number of patches)")
+    for key in ("interpolation", "second_interpolation"):
+        _one_of(data, key, INTERPOLATIONS, "config.data")
+    for key in ("min_crop_scale", "tokenizer_min_crop_scale"):
+        value = data.get(key, 1.0)
+        _require(isinstance(value, (int, float)) and 0 < value <= 1, f"config.data.{key}={value!r} must be in (0, 1]")
 
 
-def validate_batch(config: ml_collections.ConfigDict) -> None:
+def validate_batch(config: ConfigDict) -> None:
+    """Batch sizes against the mesh (which must match the device count) and the process count."""
     import jax
 
     from beitv2_jax.train import sharding
@@ -43,48 +154,161 @@ def validate_batch(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     dp = mesh_shape[0] * mesh_shape[1]
-    _require(config.batch_size % dp == 0,
-             f"config.batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
-             f"(mesh data×fsdp)")
-    _require(config.batch_size % jax.process_count() == 0,
-             f"config.batch_size={config.batch_size} is not divisible by the {jax.process_count()} processes")
+    for key in ("batch_size", "eval_batch_size"):
+        value = config.get(key) or 0
+        _require(value % dp == 0, f"config.{key}={value} is not divisible by the data-parallel size {dp} "
+                                  f"(config.mesh data×fsdp = {mesh_shape[0]}×{mesh_shape[1]})")
+        _require(value % jax.process_count() == 0,
+                 f"config.{key}={value} is not divisible by the {jax.process_count()} processes")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ``ConfigError`` for impossible values of the chosen task's config."""
+def validate_run_settings(config: ConfigDict) -> None:
+    """Step counts, checkpointing and the guard: positive where a count, known names where a choice."""
+    for key in ("num_epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_bad_steps"):
+        if key in config:
+            _positive_int(config, key)
+    for key in ("steps_per_epoch", "eval_batch_size"):
+        value = config.get(key) or 0
+        _require(isinstance(value, int) and value >= 0, f"config.{key} must be an integer >= 0, got {value!r}")
+    if "dtype" in config:
+        _one_of(config, "dtype", DTYPES)
+    steps = config.get("inject_nan_steps") or ()
+    _require(all(isinstance(s, int) and s > 0 for s in steps),
+             f"config.inject_nan_steps must be a list of step numbers >= 1, got {steps!r}")
+
+
+def validate_pretrain(config: ConfigDict, data: ConfigDict, standalone: bool) -> None:
+    m = config.model
+    if m.head_layers > 0:
+        _require(1 <= m.early_layers < m.depth,
+                 f"config.model.early_layers={m.early_layers} must be in [1, depth-1] = [1, {m.depth - 1}] "
+                 f"(config.model.depth={m.depth})")
+    _require(m.width % m.num_heads == 0,
+             f"config.model.width={m.width} must be divisible by config.model.num_heads={m.num_heads}")
+    _require(m.get("patch_size", data.patch_size) == data.patch_size,
+             f"config.model.patch_size={m.get('patch_size')} must equal config.data.patch_size={data.patch_size} "
+             f"(the mask generator's grid)")
+    if standalone:
+        validate_tokenizer(config.tokenizer.checkpoint, m.vocab_size, data.second_input_size)
+
+
+def validate_tokenizer(directory: str, vocab_size: int, image_size: int) -> None:
+    """The tokenizer directory exists, holds a VQ-KD tokenizer, and matches the vocabulary and image size."""
+    from beitv2_jax.convert import store
+
+    _require(bool(directory) and os.path.isdir(directory),
+             f"config.tokenizer.checkpoint={directory!r} is not a directory: give the tokenizer written by the "
+             f"vqkd task (<workdir>/tokenizer) or by `python -m beitv2_jax.convert --format official_vqkd`")
+    try:
+        description = store.read_description(directory)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config.tokenizer.checkpoint={directory!r} is not a tokenizer: {e}") from None
+    cfg = description.get("model_config", {})
+    _require(description.get("model_kind") == "vqkd",
+             f"config.tokenizer.checkpoint={directory!r} holds a {description.get('model_kind')!r} model, "
+             f"not a VQ-KD tokenizer")
+    codes = cfg.get("num_codes")
+    _require(codes in (None, vocab_size), f"config.model.vocab_size={vocab_size} must equal the tokenizer's "
+                                          f"{codes} codes (config.tokenizer.checkpoint={directory!r})")
+    size = cfg.get("image_size")
+    _require(size in (None, image_size), f"config.data.second_input_size={image_size} must equal the tokenizer's "
+                                         f"image size {size} (config.tokenizer.checkpoint={directory!r})")
+
+
+def validate_vqkd(config: ConfigDict, standalone: bool) -> None:
+    _one_of(config.teacher, "kind", TEACHER_KINDS, "config.teacher")
+    if standalone:
+        ckpt = config.teacher.checkpoint
+        _require(bool(ckpt) and os.path.isdir(ckpt),
+                 f"config.teacher.checkpoint={ckpt!r} is not a directory: convert a teacher with "
+                 f"`python -m beitv2_jax.convert` or point to a ViT checkpoint written by this project")
+
+
+def validate_dataset(config: ConfigDict, splits: tuple) -> None:
+    """Each split opens and holds at least one record (and a whole batch when steps_per_epoch is derived)."""
+    from beitv2_jax.data import sources
+
+    data = config.data
+    for split_key in splits:
+        split = data[split_key]
+        where = f"config.data.dataset={data.dataset!r}, config.data.{split_key}={split!r}"
+        try:
+            size = len(sources.open_source(data.dataset, split, data.data_dir))
+        except FileNotFoundError as e:
+            raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"{where}: cannot open it ({' '.join(str(e).split())})") from None
+        _require(size > 0, f"{where}: the split is empty (data_dir={data.data_dir!r})")
+        if split_key == "train_split" and not config.get("steps_per_epoch"):
+            _require(size >= config.batch_size,
+                     f"config.batch_size={config.batch_size} is larger than the {size} records of {where}; lower it "
+                     f"or set config.steps_per_epoch")
+
+
+def validate_stage(config: ConfigDict, task: str, parent: Optional[ConfigDict] = None) -> None:
+    """Values of one training task's config (``parent``: the demo config whose data/mesh/batch it uses)."""
+    run = parent or config
+    validate_data(run.data)
+    validate_batch(run)
+    validate_run_settings(config)
+    if task == "pretrain":
+        validate_pretrain(config, run.data, standalone=parent is None)
+    elif task == "vqkd":
+        validate_vqkd(config, standalone=parent is None)
+
+
+def validate_config(config: ConfigDict, workdir: Optional[str] = None) -> None:
+    """Raise ``ConfigError`` (one line naming the key) for anything that cannot work, before any compute."""
     task = config.get("task")
     if task == "demo":
+        check_demo_keys(config)
+        validate_run_settings(config)
         for stage in ("vqkd", "pretrain"):
-            validate_config_stage(config[stage], stage, parent=config)
-        validate_data(config.data)
-        validate_batch(config)
+            validate_stage(config[stage], stage, parent=config)
+        validate_dataset(config, ("train_split", "eval_split"))
+    else:
+        reference = _reference(task)
+        if reference is not None:
+            check_keys(config, reference(), optional=OPTIONAL_KEYS.get(task))
+        validate_stage(config, task)
+        if "data" in config and task in ("vqkd", "pretrain"):
+            validate_dataset(config, ("train_split", "eval_split") if task == "vqkd" else ("train_split",))
+    if workdir:
+        check_workdir(config, workdir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The workdir's previous config.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def config_changes(previous: dict, current: dict) -> list[str]:
+    """``['optim.lr: 0.001 → 0.002', ...]`` for the keys (dotted) that differ, operational keys excluded."""
+    old, new = _flatten(previous), _flatten(current)
+    keys = sorted(k for k in set(old) | set(new)
+                  if old.get(k) != new.get(k) and k.rsplit(".", 1)[-1] not in OPERATIONAL_KEYS)
+    return [f"{k}: {old.get(k, '<absent>')!r} → {new.get(k, '<absent>')!r}" for k in keys]
+
+
+def check_workdir(config: ConfigDict, workdir: str) -> None:
+    """Refuse a ``workdir`` whose ``config.json`` differs (beyond operational keys) unless
+    ``config.allow_config_change``."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path) or config.get("allow_config_change", False):
         return
-    validate_config_stage(config, task)
-
-
-def validate_config_stage(config, task: str, parent=None) -> None:
-    data = (parent or config).data
-    validate_data(data)
-    validate_batch(parent or config)
-    _positive_int(config, "num_epochs")
-    if task == "pretrain":
-        m = config.model
-        if m.head_layers > 0:
-            _require(1 <= m.early_layers < m.depth,
-                     f"config.model.early_layers={m.early_layers} must be in [1, depth-1] = [1, {m.depth - 1}]")
-        _require(m.width % m.num_heads == 0,
-                 f"config.model.width={m.width} must be divisible by config.model.num_heads={m.num_heads}")
-        if parent is None:
-            ckpt = config.tokenizer.checkpoint
-            _require(bool(ckpt) and os.path.isdir(ckpt),
-                     f"config.tokenizer.checkpoint={ckpt!r} is not a directory: give the tokenizer written by the "
-                     f"vqkd task (<workdir>/tokenizer) or by `python -m beitv2_jax.convert --format official_vqkd`")
-    elif task == "vqkd":
-        _require(config.teacher.kind in ("clip", "dino", "vit_checkpoint"),
-                 f"config.teacher.kind must be one of ('clip', 'dino', 'vit_checkpoint'), got "
-                 f"{config.teacher.kind!r}")
-        if parent is None:
-            ckpt = config.teacher.checkpoint
-            _require(bool(ckpt) and os.path.isdir(ckpt),
-                     f"config.teacher.checkpoint={ckpt!r} is not a directory: convert a teacher with "
-                     f"`python -m beitv2_jax.convert` or point to a ViT checkpoint written by this project")
+    with open(path, encoding="utf-8") as f:
+        previous = json.load(f)
+    changes = config_changes(previous, json.loads(config.to_json_best_effort(sort_keys=True)))
+    if changes:
+        shown = "; ".join(f"config.{c}" for c in changes[:5]) + ("; ..." if len(changes) > 5 else "")
+        raise ConfigError(f"--workdir {workdir} holds a run with a different config ({shown}); use another "
+                          f"--workdir or pass --config.allow_config_change=True to continue it anyway")

@@ -150,7 +150,7 @@ def pretrain_transform(data_config: ml_collections.ConfigDict) -> transforms.Pre
 def _make_iterator(data_config, split, transform, global_batch_size, seed, process_index,
                    process_count, **kwargs) -> grain.DatasetIterator:
     process_index, process_count = _process_layout(process_index, process_count)
-    source = sources.open_source(data_config.dataset, split, data_config.data_dir)
+    source = transforms.DecodedSource(sources.open_source(data_config.dataset, split, data_config.data_dir))
     ds = make_dataset(source, transform=transform, global_batch_size=global_batch_size,
                       process_index=process_index, process_count=process_count, seed=seed,
                       num_workers=data_config.num_workers, read_threads=data_config.read_threads,
@@ -162,23 +162,27 @@ def make_pretrain_iterator(data_config: ml_collections.ConfigDict, global_batch_
                            seed: int, process_index: int | None = None,
                            process_count: int | None = None) -> grain.DatasetIterator:
     """Endless pretraining batches ``{'image': f32 [b, s, s, 3], 'tokenizer_image': f32 [b, s2, s2, 3],
-    'mask': bool [b, (s / patch)**2], 'label': i32 [b]}`` with ``b = global_batch_size / processes``.
+    'mask': bool [b, (s / patch)**2], 'label': i32 [b], 'bad_records': i32 [b]}`` with
+    ``b = global_batch_size / processes``; ``bad_records`` marks rows that replace an undecodable record
+    (``transforms.DecodedSource``).
 
     ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``.
     """
-    return _make_iterator(data_config, data_config.train_split, pretrain_transform(data_config),
+    return _make_iterator(data_config, data_config.train_split,
+                          transforms.count_bad_records(pretrain_transform(data_config)),
                           global_batch_size, seed, process_index, process_count)
 
 
 def make_tokenizer_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,
                             seed: int, process_index: int | None = None,
                             process_count: int | None = None) -> grain.DatasetIterator:
-    """Endless VQ-KD training batches ``{'image': f32 [b, s, s, 3] in [0, 1], 'label': i32 [b]}``."""
+    """Endless VQ-KD training batches ``{'image': f32 [b, s, s, 3] in [0, 1], 'label': i32 [b],
+    'bad_records': i32 [b]}``."""
     transform = transforms.TokenizerTrainTransform(
         input_size=data_config.input_size, min_crop_scale=data_config.tokenizer_min_crop_scale,
         interpolation=data_config.interpolation)
-    return _make_iterator(data_config, data_config.train_split, transform, global_batch_size, seed,
-                          process_index, process_count)
+    return _make_iterator(data_config, data_config.train_split, transforms.count_bad_records(transform),
+                          global_batch_size, seed, process_index, process_count)
 
 
 def make_eval_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,

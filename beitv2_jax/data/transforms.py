@@ -13,6 +13,7 @@ import io
 import math
 from typing import Any
 
+from absl import logging
 import grain
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -35,19 +36,129 @@ def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return low + (high - low) * rng.random()
 
 
-def decode_image(image: Any) -> Image.Image:
-    """uint8 array ``[H, W]``, ``[H, W, 1|3|4]`` or encoded JPEG/PNG bytes → PIL RGB image."""
-    if isinstance(image, (bytes, bytearray, np.bytes_)):
-        pil = Image.open(io.BytesIO(bytes(image)))
-        pil.load()
-    else:
-        array = np.asarray(image)
-        if array.dtype == object:  # 0-d object array holding the bytes
-            return decode_image(array.item())
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        pil = Image.fromarray(array.astype(np.uint8, copy=False))
+class UndecodableImageError(ValueError):
+    """Image bytes that cannot be decoded: corrupt, truncated, empty or not an image."""
+
+
+class BadDataError(RuntimeError):
+    """So many consecutive records are undecodable that the data set itself must be broken."""
+
+
+_SIXTEEN_BIT_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N')  # PIL modes of 16/32-bit integer images
+
+
+def _scale_16_bit(array: np.ndarray) -> np.ndarray:
+    """16-bit pixel values ``[0, 65535]`` → uint8 ``[0, 255]`` (rounded)."""
+    return np.round(np.clip(array.astype(np.float32), 0, 65535) / 257.0).astype(np.uint8)
+
+
+def _to_rgb(pil: Image.Image) -> Image.Image:
+    """Any PIL mode → RGB: 16-bit grayscale scaled to 8 bits, float images clipped to [0, 255], palette and
+    CMYK converted, alpha dropped (as torchvision's ``pil_loader`` does)."""
+    if pil.mode in _SIXTEEN_BIT_MODES:
+        pil = Image.fromarray(_scale_16_bit(np.asarray(pil)))
+    elif pil.mode == 'F':
+        pil = Image.fromarray(np.clip(np.asarray(pil), 0, 255).astype(np.uint8))
+    elif pil.mode in ('P', 'PA'):  # through RGBA so that a transparent palette index converts cleanly
+        pil = pil.convert('RGBA')
     return pil if pil.mode == 'RGB' else pil.convert('RGB')
+
+
+def decode_image(image: Any) -> Image.Image:
+    """Encoded bytes (any format PIL reads) or a pixel array ``[H, W]``, ``[H, W, 1|3|4]`` → PIL RGB image.
+
+    Grayscale, palette, CMYK and RGBA images are converted to RGB, 16-bit images (PNG/TIFF bytes or
+    ``uint16`` arrays) scaled to 8 bits. Corrupt, truncated or empty bytes raise ``UndecodableImageError``.
+    """
+    if isinstance(image, (bytes, bytearray, np.bytes_)):
+        data = bytes(image)
+        try:
+            pil = Image.open(io.BytesIO(data))
+            pil.load()  # a truncated file fails here (PIL's LOAD_TRUNCATED_IMAGES is off)
+            return _to_rgb(pil)
+        except Exception as e:  # noqa: BLE001 - PIL reports bad data as OSError, SyntaxError, zlib.error, ...
+            raise UndecodableImageError(f'cannot decode {len(data)} bytes as an image '
+                                        f'({type(e).__name__}: {e})') from e
+    array = np.asarray(image)
+    if array.dtype == object:  # 0-d object array holding the bytes
+        return decode_image(array.item())
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    array = _scale_16_bit(array) if array.dtype == np.uint16 else array.astype(np.uint8, copy=False)
+    return _to_rgb(Image.fromarray(array))
+
+
+MAX_CONSECUTIVE_BAD_RECORDS = 100
+
+
+def record_name(record: dict[str, Any], index: int) -> str:
+    """``'<file_name>' (record <index>)`` or ``record <index>`` for warnings about a record."""
+    name = record.get('file_name')
+    if isinstance(name, np.ndarray):
+        name = name.item()
+    if isinstance(name, bytes):
+        name = name.decode('utf-8', 'replace')
+    return f'{name!r} (record {index})' if name else f'record {index}'
+
+
+class DecodedSource:
+    """A random-access source (``len`` + ``__getitem__``) whose records carry ``image`` decoded to RGB
+    ``uint8 [H, W, 3]`` and a ``bad_records`` flag (int32 0 or 1).
+
+    A record whose image cannot be decoded is replaced by the next decodable record in source order
+    (wrapping around), flagged ``bad_records=1`` and named in a warning. The replacement depends on the
+    index only, so batches stay full, the stream is the same for any worker count, a resumed iterator
+    reproduces it exactly, and over one pass the flags add up to the number of bad records. More than
+    ``max_consecutive_bad`` bad records in a row raise ``BadDataError``.
+    """
+
+    def __init__(self, source, max_consecutive_bad: int = MAX_CONSECUTIVE_BAD_RECORDS):
+        self._source = source
+        self._max_consecutive_bad = max_consecutive_bad
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        size = len(self._source)
+        for offset in range(min(size, self._max_consecutive_bad + 1)):
+            position = (int(index) + offset) % size
+            record = self._source[position]
+            try:
+                image = np.asarray(decode_image(record['image']))
+            except UndecodableImageError as e:
+                if offset == 0:  # each bad record is reported (and counted) when its own index is read
+                    logging.warning('skipping bad image %s: %s', record_name(record, position), e)
+                continue
+            return {**record, 'image': image, 'bad_records': np.int32(offset > 0)}
+        raise BadDataError(f'{offset + 1} consecutive records from record {int(index)} on cannot be decoded as '
+                           f'images; the data set looks broken')
+
+
+def count_bad_records(transform):
+    """Wrap a record transform so that its output keeps the record's ``bad_records`` flag (set by
+    ``DecodedSource``); a batch then carries how many of its records replaced a bad one."""
+    if isinstance(transform, grain.transforms.RandomMap):
+        return _RandomMapKeepingFlag(transform)
+    return _MapKeepingFlag(transform)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RandomMapKeepingFlag(grain.transforms.RandomMap):
+    transform: grain.transforms.RandomMap
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        out = self.transform.random_map(element, rng)
+        return {**out, 'bad_records': element.get('bad_records', np.int32(0))}
+
+
+@dataclasses.dataclass(frozen=True)
+class _MapKeepingFlag(grain.transforms.Map):
+    transform: Any
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        fn = self.transform.map if isinstance(self.transform, grain.transforms.Map) else self.transform
+        return {**fn(element), 'bad_records': element.get('bad_records', np.int32(0))}
 
 
 JitterParams = tuple[np.ndarray, tuple[float | None, float | None, float | None]]

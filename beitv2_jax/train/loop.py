@@ -1,12 +1,30 @@
-"""The shared step loop: input → jitted step → metrics → checkpoints, with resume and a non-finite guard."""
+"""The shared step loop: input → jitted step → metrics → checkpoints, with resume, preemption and a NaN guard.
+
+Reliability contract (issue #8):
+
+* **Preemption.** SIGTERM (or, in a multi-process run with JAX's preemption service, the preemption notice
+  through ``multihost_utils.reached_preemption_sync_point`` / orbax) stops the loop at the next step boundary:
+  a checkpoint of that step is written and waited for, then ``Preempted`` is raised (``main`` exits 0).
+* **Exact resume.** The checkpoint holds the whole ``TrainState`` (params, optimizer state, codebook / EMA state,
+  counters, step, RNG) and the data iterator's state; every random draw is keyed by (seed, step) or (seed, record),
+  so a resumed run repeats the uninterrupted one bit for bit.
+* **Non-finite guard.** The steps skip an update whose loss or gradient is not finite (state unchanged apart from
+  the step and the ``bad_steps`` counter) and report ``nonfinite``; the loop counts them and after
+  ``max_bad_steps`` consecutive ones raises ``NonFiniteError`` without writing another checkpoint.
+* **Bad data.** Batches carry ``bad_records`` (records replaced because their image could not be decoded, see
+  ``transforms.DecodedSource``); the loop counts them. Both counts are logged and survive restarts.
+"""
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from beitv2_jax.train import checkpoint as ckpt_lib
@@ -18,65 +36,214 @@ class NonFiniteError(RuntimeError):
     """Raised after too many consecutive non-finite steps; the last good checkpoint is left intact."""
 
 
+class Preempted(Exception):
+    """The run stopped on SIGTERM / a preemption notice after saving a checkpoint of ``step`` in ``directory``."""
+
+    def __init__(self, step: int, directory: Optional[str]):
+        saved = f"after saving its checkpoint in {directory}" if directory else "(no checkpoint manager: nothing saved)"
+        super().__init__(f"preempted: stopped at step {step} {saved}; run the same command again to resume")
+        self.step = step
+
+
 def resume(manager, state, iterator):
-    """Restore the newest checkpoint into ``state`` and ``iterator``; returns the (possibly restored) state."""
+    """Restore the newest readable checkpoint into ``state`` and ``iterator``; returns the (restored) state."""
     restored = ckpt_lib.restore_latest(manager, state)
     if restored is None:
         return state
     state, data_state, step = restored
-    if data_state:
-        iterator.set_state(data_state)
+    iterator_state = data_state.get("iterator", data_state) if data_state else None
+    if iterator_state:
+        iterator.set_state(iterator_state)
     logging.info("resuming at step %d", step)
     return state
+
+
+def poison_batch(batch: dict) -> dict:
+    """The NaN injection hook (``config.inject_nan_steps``): every floating-point input becomes NaN."""
+    return {k: v * np.nan if np.issubdtype(np.asarray(v).dtype, np.floating) else v for k, v in batch.items()}
+
+
+class StopRequest:
+    """SIGTERM → stop at the next step boundary, at the same step on every process.
+
+    With JAX's preemption service (``jax.distributed`` initialised), JAX's own SIGTERM notifier marks a common sync
+    step that ``manager.reached_preemption`` (orbax → ``multihost_utils.reached_preemption_sync_point``) reports.
+    Otherwise a Python SIGTERM handler sets a flag (OR-ed over processes when there are several).
+    """
+
+    def __init__(self, manager=None):
+        self._manager = manager
+        self.received = False
+        self._sync_point = jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
+        self._previous = None
+        if not self._sync_point and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        del signum, frame
+        self.received = True
+        logging.warning("SIGTERM received: a checkpoint is saved at the next step boundary, then the run stops")
+
+    def at(self, step: int) -> bool:
+        """Whether to stop after ``step``; every process must call this at every step."""
+        if self._sync_point:
+            if self._manager is not None:
+                return self._manager.reached_preemption(step)
+            return multihost_utils.reached_preemption_sync_point(step)
+        if jax.process_count() > 1:
+            return bool(multihost_utils.process_allgather(np.int32(self.received)).max())
+        return self.received
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+class NonFiniteGuard:
+    """Counts the steps whose update was skipped (``metrics['nonfinite']``), one step behind so that the host does
+    not wait for the device; raises ``NonFiniteError`` when ``max_bad_steps`` consecutive steps were bad."""
+
+    def __init__(self, max_bad_steps: int, streak: int = 0, total: int = 0, manager=None):
+        self.max_bad_steps = max_bad_steps
+        self.streak = streak
+        self.total = total
+        self._manager = manager
+        self._pending = None
+        self._last_bad = None  # only a bad step seen by this process stops it (a resumed streak may go on)
+
+    def push(self, step: int, nonfinite) -> None:
+        """Record ``step``'s flag (a device scalar, or None when the task reports none); check the previous one."""
+        self.flush()
+        self.check()
+        self._pending = None if nonfinite is None else (step, nonfinite)
+
+    def flush(self) -> None:
+        """Count the pending step now (``check`` raises if that reached the limit)."""
+        if self._pending is None:
+            return
+        step, flag = self._pending
+        self._pending = None
+        if float(jax.device_get(flag)) == 0.0:
+            self.streak = 0
+            return
+        self.streak += 1
+        self.total += 1
+        self._last_bad = step
+        logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, limit max_bad_steps=%d)",
+                        step, self.streak, self.max_bad_steps)
+
+    def check(self) -> None:
+        """Raise ``NonFiniteError`` when the counted steps end with ``max_bad_steps`` bad ones in a row."""
+        if self.streak < self.max_bad_steps or self._last_bad is None:
+            return
+        latest = self._manager.latest_step() if self._manager is not None else None
+        raise NonFiniteError(
+            f"{self.streak} consecutive steps (up to step {self._last_bad}) had a non-finite loss or gradient, "
+            f"reaching config.max_bad_steps={self.max_bad_steps}; the run stopped. Updates were skipped, so the "
+            f"latest checkpoint (step {latest}) holds the last good parameters")
+
+
+class RunCounters:
+    """The run's cumulative ``bad_records`` (over all processes) and ``nonfinite_steps``, saved with each
+    checkpoint (``data['counters']``) so that they continue across restarts."""
+
+    def __init__(self, saved: dict, guard: NonFiniteGuard):
+        self._bad_records_before = int(saved.get("bad_records", 0))
+        self._bad_records_here = 0
+        self._guard = guard
+
+    def add_batch(self, batch: dict) -> dict:
+        """Count and drop the batch's ``bad_records`` flags; returns the batch for the step."""
+        flags = batch.pop("bad_records", None)
+        self._bad_records_here += 0 if flags is None else int(np.sum(flags))
+        return batch
+
+    def as_dict(self) -> dict:
+        here = self._bad_records_here
+        if jax.process_count() > 1:
+            here = int(multihost_utils.process_allgather(np.int64(here)).sum())
+        return {"bad_records": self._bad_records_before + here, "nonfinite_steps": self._guard.total}
 
 
 def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, total_steps: int,
         steps_per_epoch: int, batch_size: int, log_every: int = 50, checkpoint_every: int = 1000,
         max_bad_steps: int = 10, manager=None, writer: Optional[MetricsWriter] = None,
-        epoch_end: Optional[Callable] = None, desc: str = "train"):
+        epoch_end: Optional[Callable] = None, desc: str = "train", inject_nan_steps: Sequence[int] = ()):
     """Run ``train_step(state, batch) -> (state, metrics)`` from ``state.step`` to ``total_steps``.
 
-    Metrics are averaged over each logging window and written with the learning rate etc. as the step
-    returns them. ``state.extra['bad_steps']`` (consecutive non-finite steps, maintained by the step) is checked
-    at every log; at ``max_bad_steps`` the run stops with ``NonFiniteError``. ``epoch_end(state, epoch)`` may
-    return an updated state and writes its own metrics. Saves every ``checkpoint_every`` steps and at the end.
+    Metrics are averaged over each logging window and written with the cumulative ``bad_records`` and
+    ``nonfinite_steps``. ``epoch_end(state, epoch)`` may return an updated state and writes its own metrics.
+    Saves every ``checkpoint_every`` steps, at the end and on SIGTERM (then raises ``Preempted``); raises
+    ``NonFiniteError`` after ``max_bad_steps`` consecutive non-finite steps. The batches of the steps in
+    ``inject_nan_steps`` (1-based, as logged) are poisoned with NaN to exercise the guard.
     """
     own_writer = writer is None
     writer = writer or MetricsWriter(workdir)
     start = int(jax.device_get(state.step))
-    window: list = []
-    pbar = tqdm(total=total_steps, initial=start, desc=desc, disable=jax.process_index() != 0,
-                dynamic_ncols=True, mininterval=1.0)
-    tick, tick_step = time.perf_counter(), start
+    streak = int(jax.device_get(state.extra["bad_steps"])) if "bad_steps" in state.extra else 0
+    saved = ckpt_lib.restore_data(manager, start).get("counters", {}) if manager is not None else {}
+    guard = NonFiniteGuard(max_bad_steps, streak, int(saved.get("nonfinite_steps", 0)), manager)
+    counters = RunCounters(saved, guard)
+    stop = StopRequest(manager)
+    log = _MetricsLog(writer, start, total_steps, batch_size, desc)
     try:
         for step in range(start, total_steps):
-            batch = sharding.to_global_batch(next(iterator), mesh)
-            state, metrics = train_step(state, batch)
-            window.append(metrics)
             done = step + 1
+            batch = counters.add_batch(next(iterator))
+            if done in inject_nan_steps:
+                batch = poison_batch(batch)
+            state, metrics = train_step(state, sharding.to_global_batch(batch, mesh))
+            guard.push(done, metrics.get("nonfinite"))
+            log.add(metrics)
             if done % log_every == 0 or done == total_steps:
-                host = jax.device_get(window)
-                mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                now = time.perf_counter()
-                mean["img_per_sec"] = (done - tick_step) * batch_size / max(now - tick, 1e-9)
-                tick, tick_step = now, done
-                writer.write_scalars(done, mean)
-                pbar.set_postfix({k: f"{mean[k]:.4g}" for k in ("loss", "img_per_sec") if k in mean})
-                window = []
-                bad = int(jax.device_get(state.extra["bad_steps"])) if "bad_steps" in state.extra else 0
-                if bad >= max_bad_steps:
-                    raise NonFiniteError(
-                        f"{bad} consecutive steps had a non-finite loss or gradient (limit max_bad_steps="
-                        f"{max_bad_steps}); stopped at step {done}, the last checkpoint is intact")
-            pbar.update(1)
+                guard.flush()
+                log.write(done, counters.as_dict())
+                guard.check()
             if epoch_end is not None and done % steps_per_epoch == 0:
                 state = epoch_end(state, done // steps_per_epoch) or state
-            if manager is not None and (done % checkpoint_every == 0 or done == total_steps):
-                ckpt_lib.save(manager, done, state, iterator.get_state())
+            stopping = stop.at(done)
+            if manager is not None and (stopping or done == total_steps or done % checkpoint_every == 0):
+                guard.flush()
+                guard.check()  # a step that reaches max_bad_steps is not saved
+                data = {"iterator": iterator.get_state(), "counters": counters.as_dict()}
+                ckpt_lib.save(manager, done, state, data, required=stopping or done == total_steps)
+            if stopping:
+                raise Preempted(done, str(manager.directory) if manager is not None else None)
+        guard.flush()
+        guard.check()
     finally:
-        pbar.close()
+        stop.close()
+        log.close()
         if manager is not None:
-            manager.wait_until_finished()
+            ckpt_lib.wait(manager)
         if own_writer:
             writer.close()
     return state
+
+
+class _MetricsLog:
+    """Window means of the step metrics → ``writer``, with throughput and a tqdm bar on process 0."""
+
+    def __init__(self, writer: MetricsWriter, start: int, total_steps: int, batch_size: int, desc: str):
+        self._writer, self._batch_size = writer, batch_size
+        self._window: list = []
+        self._tick, self._tick_step = time.perf_counter(), start
+        self._pbar = tqdm(total=total_steps, initial=start, desc=desc, disable=jax.process_index() != 0,
+                          dynamic_ncols=True, mininterval=1.0)
+
+    def add(self, metrics: dict) -> None:
+        self._window.append(metrics)
+        self._pbar.update(1)
+
+    def write(self, step: int, extra: dict) -> None:
+        host = jax.device_get(self._window)
+        mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        now = time.perf_counter()
+        mean.update(extra, img_per_sec=(step - self._tick_step) * self._batch_size / max(now - self._tick, 1e-9))
+        self._writer.write_scalars(step, mean)
+        self._pbar.set_postfix({k: f"{mean[k]:.4g}" for k in ("loss", "img_per_sec") if k in mean})
+        self._window, self._tick, self._tick_step = [], now, step
+
+    def close(self) -> None:
+        self._pbar.close()

@@ -25,18 +25,14 @@ def compute_dtype(name: str):
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Create ``workdir``; write ``config.json``; refuse a workdir that holds a run with another config."""
+    """Create ``workdir``; write ``config.json``; refuse a workdir that holds a run with another config
+    (``validate.ConfigError`` naming the changed keys, see ``validate.check_workdir``)."""
+    from beitv2_jax import validate
+
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort(sort_keys=True))
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            previous = json.load(f)
-        if previous != current and not config.get("allow_config_change", False):
-            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-            raise ValueError(f"workdir {workdir} holds a run with a different config (sections differing: "
-                             f"{', '.join(changed)}); use another --workdir or pass "
-                             f"--config.allow_config_change=True to continue anyway")
+    validate.check_workdir(config, workdir)
     if jax.process_index() == 0:
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

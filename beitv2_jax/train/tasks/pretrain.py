@@ -32,6 +32,9 @@ BACKBONE_KEYS = ("patch_size", "width", "depth", "num_heads", "mlp_ratio", "laye
 def model_config(config: ml_collections.ConfigDict) -> dict:
     """The dict that rebuilds the model with ``build_model`` (stored next to its weights)."""
     m = config.model
+    if m.get("patch_size", config.data.patch_size) != config.data.patch_size:
+        raise ValueError(f"config.model.patch_size={m.patch_size} differs from config.data.patch_size="
+                         f"{config.data.patch_size} (the mask generator's grid); set both to the same value")
     backbone = {k: m[k] for k in BACKBONE_KEYS if k in m}
     backbone.update(image_size=config.data.input_size)
     return {"backbone": backbone, "vocab_size": m.vocab_size, "num_masked_patches": config.data.num_masked_patches,
@@ -117,7 +120,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                      total_steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
                      log_every=config.get("log_every_steps", 50),
                      checkpoint_every=config.get("checkpoint_every_steps", 1000),
-                     max_bad_steps=config.get("max_bad_steps", 10), manager=manager, desc="pretrain")
+                     max_bad_steps=config.get("max_bad_steps", 10), manager=manager, desc="pretrain",
+                     inject_nan_steps=config.get("inject_nan_steps", ()))
     export_model(os.path.join(workdir, "model"), state, cfg)
     return state
 

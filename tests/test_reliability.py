@@ -1,0 +1,423 @@
+"""Issue #8: a pretraining run survives SIGKILL/SIGTERM bit for bit, bad checkpoints, failed saves, bad images, NaNs.
+
+The run-level tests start ``python -m beitv2_jax.main`` on a tiny pretraining config (16-px images, a 2-block
+ViT, 12 steps, a checkpoint and a metrics row every step). To keep restarts cheap all runs share one persistent
+compilation cache, compile with XLA's cheap CPU settings (the same for every run, so bit-exact comparisons hold)
+and do not see torch (tensorboardX imports it when installed, ~3 s per start; nothing in these runs needs it).
+"""
+import errno
+import io
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from beitv2_jax.data import sources, transforms
+from beitv2_jax.train import checkpoint as ckpt_lib
+
+from conftest import REPO_ROOT
+
+TOTAL_STEPS = 12
+CURVE_KEYS = ("loss", "loss_1", "loss_2", "mlm_acc_1", "mlm_acc_2", "grad_norm", "lr")
+TOKENIZER = dict(image_size=16, patch_size=4, width=16, depth=1, num_heads=2, decoder_depth=1, num_codes=32,
+                 code_dim=8, teacher_dim=16, kmeans_init=False, dtype="float32")
+
+CONFIG_TEMPLATE = '''
+from beitv2_jax import recipes
+
+
+def get_config():
+    c = recipes.beitv2_pretrain("base", 300)
+    c.data.dataset = "beitv2_demo"
+    c.data.eval_split = "test"
+    c.data.input_size = c.data.second_input_size = 16
+    c.data.patch_size = 4
+    c.data.num_masked_patches = 6
+    c.data.min_mask_patches_per_block = 2
+    c.data.num_workers = 0
+    c.data.read_threads = 1
+    c.data.prefetch_batches = 1
+    c.batch_size = 8
+    c.steps_per_epoch = 4
+    c.num_epochs = 3
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 1
+    c.keep_checkpoints = 3
+    c.model.update(width=16, depth=2, num_heads=2, patch_size=4, vocab_size=32, early_layers=1, head_layers=1,
+                   drop_path_rate=0.1)
+    c.optim.update(warmup_epochs=1)
+{overrides}
+    return c
+'''
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixtures and helpers.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_tokenizer(directory: str) -> None:
+    """A tiny VQ-KD tokenizer with random weights (shapes from ``eval_shape``: no compilation)."""
+    from beitv2_jax.convert import store
+    from beitv2_jax.models import vqkd as vqkd_lib
+
+    model = vqkd_lib.build_vqkd(TOKENIZER)
+    shapes = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3))))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+    store.save_variables(directory, variables, "vqkd", TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, demo_data_dir):
+    """``(root, env)``: a tokenizer in ``root/tokenizer`` and the subprocess environment (shared compile cache)."""
+    root = tmp_path_factory.mktemp("reliability")
+    make_tokenizer(str(root / "tokenizer"))
+    (root / "no_torch" / "torch").mkdir(parents=True)
+    (root / "no_torch" / "torch" / "__init__.py").write_text("raise ImportError('torch is hidden in these runs')\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+               PYTHONPATH=os.pathsep.join([str(root / "no_torch"), REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
+    return root, env, demo_data_dir
+
+
+def write_config(setup, name: str, **overrides) -> str:
+    """A config file for the tiny run; ``overrides`` are ``section__key=value`` (``__`` for ``.``)."""
+    root, _, data_dir = setup
+    values = {"data.data_dir": data_dir, "tokenizer.checkpoint": str(root / "tokenizer")}
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    lines = "\n".join(f"    c.{k} = {v!r}" for k, v in values.items())
+    path = root / f"{name}.py"
+    path.write_text(CONFIG_TEMPLATE.replace("{overrides}", lines))
+    return str(path)
+
+
+def main_command(config: str, workdir: str) -> list:
+    return [sys.executable, "-m", "beitv2_jax.main", "--config", config, "--workdir", workdir]
+
+
+def run_main(setup, config: str, workdir: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(main_command(config, workdir), cwd=REPO_ROOT, env=setup[1], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_and_signal(setup, config: str, workdir: str, at_step: int, sig: int, timeout: float = 240):
+    """Start a run, send ``sig`` once a metrics row of step >= ``at_step`` is written; ``(returncode, stderr)``."""
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    offset = os.path.getsize(metrics) if os.path.exists(metrics) else 0
+    with open(os.path.join(os.path.dirname(workdir), f"stderr_{os.path.basename(workdir)}.txt"), "w+") as err:
+        proc = subprocess.Popen(main_command(config, workdir), cwd=REPO_ROOT, env=setup[1], stdout=subprocess.DEVNULL,
+                                stderr=err)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _new_steps(metrics, offset) and max(_new_steps(metrics, offset)) >= at_step:
+                proc.send_signal(sig)
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        err.seek(0)
+        return proc.returncode, err.read()
+
+
+def _new_steps(path: str, offset: int) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        f.seek(offset)
+        return [json.loads(line)["step"] for line in f.read().splitlines() if line.endswith("}")]
+
+
+def metric_rows(workdir: str) -> dict:
+    """``{step: [row, ...]}`` with every row logged for that step (a resumed run logs some steps again)."""
+    rows = {}
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            rows.setdefault(row["step"], []).append(row)
+    return rows
+
+
+def loss_curve(workdir: str) -> dict:
+    """``{step: (loss, ...)}``; asserts that the rows logged twice for a step (after a restart) agree bit for bit."""
+    curve = {}
+    for step, rows in metric_rows(workdir).items():
+        values = {tuple(row[k] for k in CURVE_KEYS) for row in rows}
+        assert len(values) == 1, f"step {step} logged with different values: {values}"
+        curve[step] = values.pop()
+    return curve
+
+
+def final_params(workdir: str):
+    from beitv2_jax.convert import store
+
+    return store.load_variables(os.path.join(workdir, "model"))[0]["params"]
+
+
+def assert_same_run(reference_dir: str, workdir: str) -> None:
+    curve, expected = loss_curve(workdir), loss_curve(reference_dir)
+    assert sorted(curve) == list(range(1, TOTAL_STEPS + 1))
+    assert curve == expected
+    ref, got = final_params(reference_dir), final_params(workdir)
+    assert jax.tree.structure(ref) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+
+
+def checkpoint_steps(workdir: str) -> list:
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def checkpoint_state(workdir: str, step: int) -> dict:
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """The uninterrupted run (its workdir)."""
+    workdir = str(setup[0] / "reference")
+    result = run_main(setup, write_config(setup, "base"), workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kill and preemption: exact resume.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_sigkill_at_three_random_steps_resumes_bit_exact(setup, reference):
+    config = write_config(setup, "base")
+    workdir = str(setup[0] / "killed")
+    kill_steps = sorted(np.random.default_rng(20240817).choice(np.arange(2, TOTAL_STEPS - 1), 3, replace=False))
+    for step in kill_steps:
+        code, stderr = start_and_signal(setup, config, workdir, int(step), signal.SIGKILL)
+        assert code == -signal.SIGKILL, f"run to be killed at step {step} ended by itself ({code}): {stderr[-2000:]}"
+    result = run_main(setup, config, workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(reference, workdir)
+
+
+def test_sigterm_saves_that_step_exits_zero_and_resumes_bit_exact(setup, reference):
+    config = write_config(setup, "base")
+    workdir = str(setup[0] / "terminated")
+    code, stderr = start_and_signal(setup, config, workdir, 5, signal.SIGTERM)
+    assert code == 0, stderr[-3000:]
+    stopped = int(stderr.split("preempted: stopped at step ")[1].split()[0])
+    assert 5 <= stopped < TOTAL_STEPS
+    assert checkpoint_steps(workdir)[-1] == stopped
+    assert max(loss_curve(workdir)) == stopped
+    assert not os.path.exists(os.path.join(workdir, "model"))  # stopped before the end: nothing exported
+    result = run_main(setup, config, workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(reference, workdir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite guard.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_injected_nan_is_skipped_counted_and_too_many_stop_the_run(setup):
+    config = write_config(setup, "nan", inject_nan_steps=[3, 7, 8], max_bad_steps=2, keep_checkpoints=20)
+    workdir = str(setup[0] / "nan")
+    result = run_main(setup, config, workdir)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: 2 consecutive steps") and "config.max_bad_steps=2" in last_line, last_line
+    rows = {step: rows[-1] for step, rows in metric_rows(workdir).items()}
+    assert rows[3]["nonfinite"] == 1.0 and math.isnan(rows[3]["loss"])
+    assert rows[4]["nonfinite"] == 0.0 and rows[4]["nonfinite_steps"] == 1.0 and math.isfinite(rows[4]["loss"])
+    assert rows[8]["nonfinite_steps"] == 3.0
+    # Step 3 changed nothing but the step counter and the bad-step count.
+    before, poisoned, after = (checkpoint_state(workdir, s) for s in (2, 3, 4))
+    for key in ("params", "opt_state", "rng"):
+        for a, b in zip(jax.tree.leaves(before[key]), jax.tree.leaves(poisoned[key])):
+            np.testing.assert_array_equal(a, b)
+    assert int(poisoned["step"]) == 3 and int(poisoned["extra"]["bad_steps"]) == 1
+    assert int(after["extra"]["bad_steps"]) == 0
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(poisoned["params"]),
+                                                        jax.tree.leaves(after["params"])))
+    # Stopped at step 8 (2nd bad step in a row) without saving it; the newest checkpoint holds good parameters.
+    assert checkpoint_steps(workdir)[-1] == 7
+    good, latest = checkpoint_state(workdir, 6), checkpoint_state(workdir, 7)
+    for a, b in zip(jax.tree.leaves(good["params"]), jax.tree.leaves(latest["params"])):
+        np.testing.assert_array_equal(a, b)
+        assert np.isfinite(b).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad data.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def odd_images() -> dict:
+    """``{file name: bytes}``: valid images in unusual modes and sizes (13) and corrupt files (3)."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8))
+    gray16 = Image.fromarray((rng.integers(0, 65536, (20, 22))).astype(np.uint16))
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    palette.info["transparency"] = 0
+    jpeg = _encode(rgb, "JPEG", quality=90)
+    files = {
+        "rgb.jpg": jpeg, "rgb.png": _encode(rgb, "PNG"), "gray.jpg": _encode(rgb.convert("L"), "JPEG"),
+        "cmyk.jpg": _encode(rgb.convert("CMYK"), "JPEG"), "rgba.png": _encode(rgb.convert("RGBA"), "PNG"),
+        "la.png": _encode(rgb.convert("LA"), "PNG"), "palette.png": _encode(palette, "PNG"),
+        "gray16.png": _encode(gray16, "PNG"), "bilevel.png": _encode(rgb.convert("1"), "PNG"),
+        "tiny.png": _encode(rgb.resize((5, 3)), "PNG"), "thin.png": _encode(rgb.resize((40, 2)), "PNG"),
+        "big.gif": _encode(rgb.resize((64, 48)), "GIF"), "rgb.bmp": _encode(rgb, "BMP"),
+        "truncated.jpg": jpeg[:len(jpeg) // 2], "garbage.png": rng.integers(0, 256, 300, dtype=np.uint8).tobytes(),
+        "empty.jpg": b"",
+    }
+    return files
+
+
+CORRUPT = ("truncated.jpg", "garbage.png", "empty.jpg")
+
+
+@pytest.mark.parametrize("name", sorted(odd_images()))
+def test_decode_converts_odd_formats_and_rejects_corrupt_files(name):
+    data = odd_images()[name]
+    if name in CORRUPT:
+        with pytest.raises(transforms.UndecodableImageError, match="cannot decode"):
+            transforms.decode_image(data)
+        return
+    image = transforms.decode_image(data)
+    assert image.mode == "RGB" and min(image.size) >= 1
+    if name == "gray16.png":  # 16-bit values are scaled, not clipped
+        expected = np.round(np.asarray(Image.open(io.BytesIO(data)), np.float32) / 257.0)
+        np.testing.assert_array_equal(np.asarray(image)[..., 0], expected)
+
+
+def test_decode_16_bit_array_and_small_images_through_the_transforms():
+    image = transforms.decode_image(np.array([[0, 257, 65535]], np.uint16))
+    np.testing.assert_array_equal(np.asarray(image)[0, :, 0], [0, 1, 255])
+    record = {"image": np.zeros((3, 5, 3), np.uint8)}
+    out = transforms.PretrainTransform(input_size=16, second_input_size=16, patch_size=4, num_masked_patches=6,
+                                       min_mask_patches_per_block=2).random_map(record, np.random.default_rng(0))
+    assert out["image"].shape == (16, 16, 3) and out["mask"].sum() == 6
+    assert transforms.EvalTransform(input_size=16).map(record)["image"].shape == (16, 16, 3)
+
+
+def test_decoded_source_replaces_bad_records_deterministically(caplog):
+    good = _encode(Image.new("RGB", (4, 4), (10, 20, 30)), "PNG")
+    records = [{"image": good if i not in (2, 3, 5) else b"broken", "label": i,
+                "file_name": f"f{i}.png".encode()} for i in range(6)]
+    source = transforms.DecodedSource(records)
+    with caplog.at_level(logging.WARNING):
+        out = [source[i] for i in range(6)]
+    assert [int(o["label"]) for o in out] == [0, 1, 4, 4, 4, 0]  # the next decodable record, wrapping around
+    assert [int(o["bad_records"]) for o in out] == [0, 0, 1, 1, 0, 1]
+    assert all(o["image"].shape == (4, 4, 3) and o["image"].dtype == np.uint8 for o in out)
+    warned = [r.getMessage() for r in caplog.records if "skipping bad image" in r.getMessage()]
+    assert len(warned) == 3 and all(any(f"'f{i}.png'" in w for w in warned) for i in (2, 3, 5))
+    with pytest.raises(transforms.BadDataError, match="cannot be decoded"):
+        transforms.DecodedSource([{"image": b"x"}] * 4)[0]
+
+
+def test_corrupt_and_odd_images_train_and_skips_are_counted(setup, tmp_path):
+    src = tmp_path / "images" / "things"
+    src.mkdir(parents=True)
+    for name, data in odd_images().items():
+        (src / name).write_bytes(data)
+    data_dir = str(tmp_path / "tfds")
+    sources.prepare_image_folder(str(tmp_path / "images"), data_dir, name="odd_images")
+    config = write_config(setup, "odd", data__dataset="odd_images", data__data_dir=data_dir, steps_per_epoch=2,
+                          num_epochs=1)  # 16 images, batch 8: one pass over the data
+    workdir = str(tmp_path / "odd")
+    result = run_main(setup, config, workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metric_rows(workdir)
+    assert rows[2][-1]["bad_records"] == len(CORRUPT)
+    assert all(math.isfinite(r[-1]["loss"]) for r in rows.values())
+    for name in CORRUPT:
+        assert f"skipping bad image 'things/{name}'" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: unreadable newest step, failed writes.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tree(value: float) -> dict:
+    return {"w": jnp.full((4,), value, jnp.float32), "b": jnp.arange(50, dtype=jnp.float32) + value}
+
+
+def _truncate_files(directory) -> None:
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+
+
+def test_truncated_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+    manager = ckpt_lib.make_manager(str(tmp_path))
+    for step in (1, 2, 3):
+        assert ckpt_lib.save(manager, step, _tree(step), {"iterator": {"n": step}}, required=True)
+    _truncate_files(tmp_path / "checkpoints" / "3" / "state")
+    half_written = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp" / "state"  # a save killed midway
+    half_written.mkdir(parents=True)
+    (half_written / "_METADATA").write_text("{")
+    manager = ckpt_lib.make_manager(str(tmp_path))
+    assert manager.all_steps() == [1, 2, 3]
+    with caplog.at_level(logging.WARNING):
+        state, data, step = ckpt_lib.restore_latest(manager, _tree(0))
+    assert step == 2 and data == {"iterator": {"n": 2}} and float(state["w"][0]) == 2.0
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "checkpoint step 3" in messages and "cannot be read" in messages and "checkpoints_unreadable" in messages
+    assert (tmp_path / "checkpoints_unreadable" / "3").is_dir() and manager.all_steps() == [1, 2]
+    assert ckpt_lib.save(manager, 3, _tree(3), required=True)  # the step is written again after the resume
+    _truncate_files(tmp_path / "checkpoints")  # nothing readable: refuse rather than start from scratch
+    with pytest.raises(ckpt_lib.CheckpointError, match="none of the checkpoints"):
+        ckpt_lib.restore_latest(ckpt_lib.make_manager(str(tmp_path)), _tree(0))
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+async def _no_space_async(*args, **kwargs):
+    _no_space()
+
+
+# The simulated blocking failure leaves one of orbax's asyncio callbacks to a closed event loop (harmless).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("where", ["background", "blocking"])
+def test_failed_save_keeps_the_previous_checkpoint_and_reports(tmp_path, caplog, monkeypatch, where):
+    manager = ckpt_lib.make_manager(str(tmp_path), max_to_keep=1)
+    assert ckpt_lib.save(manager, 1, _tree(1), required=True)
+    handler = ocp.handlers.JsonCheckpointHandler
+    monkeypatch.setattr(handler, "_save_fn" if where == "background" else "async_save", _no_space_async)
+    with caplog.at_level(logging.ERROR):
+        ckpt_lib.save(manager, 2, _tree(2))
+        ckpt_lib.wait(manager)
+    errors = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert "saving checkpoint step 2" in errors and "No space left" in errors and "step 1, is kept" in errors
+    assert checkpoint_steps(str(tmp_path)) == [1] and manager.latest_step() == 1
+    assert ckpt_lib.restore_latest(ckpt_lib.make_manager(str(tmp_path)), _tree(0))[2] == 1
+    with pytest.raises(ckpt_lib.CheckpointError, match="No space left|could not be written"):
+        ckpt_lib.save(manager, 3, _tree(3), required=True)  # a final / preemption save must not fail silently
+    monkeypatch.undo()
+    assert ckpt_lib.save(manager, 4, _tree(4), required=True)
+    assert checkpoint_steps(str(tmp_path)) == [4]
