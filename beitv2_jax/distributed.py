@@ -2,8 +2,8 @@
 
 * explicit: ``--coordinator_address HOST:PORT --num_processes N --process_id I`` (any cluster, or several
   processes on one machine; on CPU the gloo collectives are switched on);
-* Cloud TPU pods and SLURM jobs with more than one task: auto-detected by JAX (``initialize()`` with no
-  arguments reads the TPU metadata / ``SLURM_*`` variables);
+* Cloud TPU VMs (detected with JAX's own check; GKE TPU pods by ``TPU_WORKER_HOSTNAMES``) and SLURM jobs
+  with more than one task: ``initialize()`` with no arguments reads the TPU metadata / ``SLURM_*`` variables;
 * ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID`` in the environment.
 Single-process runs initialise nothing.
 """
@@ -15,11 +15,25 @@ from typing import Optional
 import jax
 
 
-def wanted_from_environment(env=os.environ) -> bool:
-    """True when a launcher started us as one of several processes."""
+def _on_cloud_tpu_vm() -> bool:
+    """JAX's own test for a Cloud TPU VM (where ``initialize()`` reads the worker layout from the metadata
+    server); False when that private helper is unavailable."""
+    try:
+        from jax._src.clusters import cloud_tpu_cluster
+
+        return bool(cloud_tpu_cluster.running_in_cloud_tpu_vm)
+    except (ImportError, AttributeError):
+        return False
+
+
+def wanted_from_environment(env=os.environ, on_tpu_vm=None) -> bool:
+    """True when a launcher started us as one of several processes (or on a TPU VM, where one process per
+    host joins the slice)."""
     if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
         return True
-    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):  # GKE TPU pods
+        return True
+    if _on_cloud_tpu_vm() if on_tpu_vm is None else on_tpu_vm:
         return True
     return bool(env.get("JAX_COORDINATOR_ADDRESS"))
 

@@ -7,4 +7,6 @@ from beitv2_jax import recipes
 
 
 def get_config():
-    return recipes.beitv2_pretrain("large", 1600)
+    config = recipes.beitv2_pretrain("large", 1600)
+    config.dtype = "bfloat16"  # GPU/TPU compute; params, optimizer state, quantizer and losses stay float32
+    return config

@@ -8,4 +8,6 @@ from beitv2_jax import recipes
 
 
 def get_config(decoder_depth="3"):
-    return recipes.vqkd("clip", int(decoder_depth))
+    config = recipes.vqkd("clip", int(decoder_depth))
+    config.dtype = "bfloat16"  # GPU/TPU compute; params, optimizer state, quantizer and losses stay float32
+    return config

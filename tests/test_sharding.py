@@ -65,10 +65,12 @@ def test_mesh_config_validation():
 
 
 def test_distributed_detection():
-    assert not distributed.wanted_from_environment({})
-    assert distributed.wanted_from_environment({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "1"})
-    assert not distributed.wanted_from_environment({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "1"})
-    assert distributed.wanted_from_environment({"TPU_WORKER_HOSTNAMES": "a,b"})
+    assert not distributed.wanted_from_environment({}, on_tpu_vm=False)
+    assert distributed.wanted_from_environment({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "1"}, on_tpu_vm=False)
+    assert not distributed.wanted_from_environment({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "1"}, on_tpu_vm=False)
+    assert distributed.wanted_from_environment({"TPU_WORKER_HOSTNAMES": "a,b"}, on_tpu_vm=False)
+    assert distributed.wanted_from_environment({}, on_tpu_vm=True)
+    assert not distributed.wanted_from_environment({})  # this machine is no TPU VM
 
 
 def _free_port():
