@@ -81,3 +81,217 @@ def vqkd(teacher: str = "clip", decoder_depth: int = 3) -> ml_collections.Config
     })
     c.eval_every_epochs = 1
     return c
+
+
+def _pretrained_section() -> ml_collections.ConfigDict:
+    """Where the encoder comes from: one of our weight directories (``format`` empty: the pretrain task's
+    ``<workdir>/model`` or a ``python -m beitv2_jax.convert`` output) or a PyTorch file with its layout
+    (``official_beitv2``, ``official_finetune``, ``timm``, ``hf_beit``, ...)."""
+    return ml_collections.ConfigDict({"checkpoint": "", "format": ""})
+
+
+def beitv2_finetune(size: str = "base", pretrain_epochs: int = 1600) -> ml_collections.ConfigDict:
+    """ImageNet-1k fine-tuning from a BEiT v2 pt1k encoder with the official recipe (reference §3.1)."""
+    if size not in ("base", "large"):
+        raise ValueError(f"size must be 'base' or 'large', got {size!r}")
+    long_run = pretrain_epochs >= 1600
+    c = base_run("finetune")
+    c.data.dataset = "imagenet2012"
+    c.data.eval_split = "validation"
+    c.data.eval_crop_pct = 0.875  # Resize(int(224 / 0.875) = 256, bicubic) + CenterCrop(224)
+    c.batch_size = 1024  # 8 GPUs × 128 (base) / 8 × 64 × update_freq 2 (large)
+    c.num_epochs = 100 if size == "base" else 50
+    c.num_classes = 1000
+    c.eval_every_epochs = 1
+    c.save_best = True
+    c.checkpoint_every_steps = 5000
+    c.pretrained = _pretrained_section()
+    c.model = ml_collections.ConfigDict({
+        "num_classes": 1000,
+        "pooling": "mean",  # mean of patch tokens → fc_norm → head (official use_mean_pooling)
+        "rel_pos": "per_layer",  # the shared pretraining table copied into every block
+        "drop_path_rate": (0.2 if long_run else 0.1) if size == "base" else 0.2,
+        "head_init_scale": 0.001,
+        "init_truncation": 100.0,  # timm trunc_normal_(std=.02) for the new head
+        "attention_impl": "einsum",
+        "remat_policy": "none",
+    })
+    if size == "base":
+        lr, layer_decay, warmup = 5e-4, (0.6 if long_run else 0.65), 20
+    else:
+        lr, layer_decay, warmup = (2e-4 if long_run else 5e-4), 0.8, 5
+    c.optim = ml_collections.ConfigDict({
+        "lr": lr, "min_lr": 1e-6, "warmup_epochs": warmup, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+        "weight_decay": 0.05, "clip_grad": 0.0, "layer_decay": layer_decay,
+        # no decay: ndim<=1 and biases (automatic) + cls_token, pos_embed; per-layer tables ARE decayed.
+        "no_decay": ["cls_token$", "pos_embed$"],
+    })
+    c.augment = ml_collections.ConfigDict({
+        "min_crop_scale": 0.08, "hflip": 0.5, "auto_augment": "rand-m9-mstd0.5-inc1",
+        "color_jitter": 0.4,  # used only when auto_augment is empty (timm disables it under RandAugment)
+        "re_prob": 0.25, "re_mode": "pixel", "re_count": 1,
+    })
+    c.mixup = ml_collections.ConfigDict({"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5})
+    c.label_smoothing = 0.1
+    return c
+
+
+def linear_probe() -> ml_collections.ConfigDict:
+    """Linear probing of a frozen encoder on ImageNet-1k (paper §3.2 features; BEiT v1 optimisation recipe)."""
+    c = base_run("linear_probe")
+    c.data.dataset = "imagenet2012"
+    c.data.eval_split = "validation"
+    c.batch_size = 1024
+    c.num_epochs = 100
+    c.num_classes = 1000
+    c.checkpoint_every_steps = 5000
+    c.pretrained = _pretrained_section()
+    c.probe = ml_collections.ConfigDict({
+        "feature": "auto",  # auto | cls | mean | per_layer (BEiT v1: a head per block on [CLS, mean patch])
+        "cache_features": False,  # False: a fresh RandomResizedCrop + flip view every epoch (BEiT v1)
+        "min_crop_scale": 0.08,
+        "standardize": False,  # cached features only: per-feature mean/std of the train split (MAE-style)
+    })
+    c.optim = ml_collections.ConfigDict({
+        "name": "adamw", "lr": 4e-3, "min_lr": 0.0, "warmup_epochs": 0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+        "weight_decay": 1e-4, "momentum": 0.9,  # momentum: SGD only
+    })
+    return c
+
+
+def knn_eval() -> ml_collections.ConfigDict:
+    """Weighted k-NN (k = 20, T = 0.07) on l2-normalised features of a frozen encoder, ImageNet-1k."""
+    c = base_run("knn")
+    c.data.dataset = "imagenet2012"
+    c.data.eval_split = "validation"
+    c.batch_size = 1024  # feature extraction batch
+    c.num_classes = 0  # 0 = from the labels
+    c.pretrained = _pretrained_section()
+    c.knn = ml_collections.ConfigDict({"feature": "auto", "k": 20, "temperature": 0.07, "chunk": 256})
+    return c
+
+
+def demo_linear_probe() -> ml_collections.ConfigDict:
+    """Linear-probe head training on the cached demo features (used by the demo's evaluation stage)."""
+    return ml_collections.ConfigDict({
+        "epochs": 100, "batch_size": 256, "standardize": True,
+        "optim": {"name": "adamw", "lr": 1e-2, "min_lr": 0.0, "warmup_epochs": 0, "weight_decay": 1e-4},
+    })
+
+
+def ibot(size: str = "small") -> ml_collections.ConfigDict:
+    """iBOT pretraining on ImageNet-1k (reference §3): ``bytedance/ibot`` README command for ViT-S/16 (800 epochs,
+    16 GPUs × 64, ``--norm_last_layer false``) and ``main_ibot.py`` defaults. ViT-B/16: the same arguments with the
+    default ``norm_last_layer`` (the code's advice for ViT-B); its epochs (400) and batch (1024) are the paper's as
+    recalled — the ViT-B ``args.txt`` is linked from the README, not in the repository."""
+    if size not in ("small", "base"):
+        raise ValueError(f"size must be 'small' or 'base', got {size!r}")
+    small = size == "small"
+    c = base_run("ibot")
+    c.data.dataset = "imagenet2012"
+    c.data.eval_split = "validation"
+    c.data.input_size = 224  # the global crops
+    c.data.patch_size = 16
+    c.batch_size = 1024
+    c.num_epochs = 800 if small else 400
+    c.checkpoint_every_steps = 5000
+    c.model = ml_collections.ConfigDict({
+        "patch_size": 16, "width": 384 if small else 768, "depth": 12, "num_heads": 6 if small else 12,
+        "mlp_ratio": 4.0, "drop_path_rate": 0.1, "attention_impl": "einsum", "remat_policy": "none",
+    })
+    c.head = ml_collections.ConfigDict({
+        "out_dim": 8192, "patch_out_dim": 8192, "hidden_dim": 2048, "bottleneck_dim": 256, "num_layers": 3,
+        "shared_head": True,  # README --shared_head true: CLS and patches share last_layer
+        "norm_last_layer": not small,  # weight_g frozen at 1 (the teacher's follows the student by EMA)
+    })
+    c.crops = ml_collections.ConfigDict({
+        "num_global": 2, "global_scale": [0.25, 1.0],  # global crop size = data.input_size
+        "num_local": 10, "local_size": 96, "local_scale": [0.05, 0.25],
+    })
+    c.masking = ml_collections.ConfigDict({
+        # per global crop: ratio 0 or U(0.1, 0.5), each with probability 0.5; BEiT-style blocks
+        "pred_ratio": [0.0, 0.3], "pred_ratio_var": [0.0, 0.2], "pred_shape": "block", "min_aspect": 0.3,
+    })
+    c.loss = ml_collections.ConfigDict({
+        "student_temp": 0.1, "warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_patch_temp": 0.04,
+        "teacher_patch_temp": 0.07, "warmup_teacher_temp_epochs": 30, "center_momentum": 0.9,
+        "center_momentum2": 0.9, "lambda1": 1.0, "lambda2": 1.0,
+    })
+    c.teacher = ml_collections.ConfigDict({"momentum": 0.996})  # cosine to 1 over the run, per step
+    c.optim = ml_collections.ConfigDict({
+        "lr": 5e-4, "lr_batch_base": 256,  # lr = 5e-4 · batch / 256 (= 2e-3 at 1024)
+        "min_lr": 1e-6, "warmup_epochs": 10, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+        "weight_decay": 0.04, "weight_decay_end": 0.4,  # cosine, per step
+        # per_tensor: each gradient tensor clipped to norm 3.0 on its own (official utils.clip_gradients),
+        # not optax.clip_by_global_norm
+        "clip_grad": 3.0, "clip_mode": "per_tensor",
+        "freeze_last_layer_epochs": 1,
+        # official get_params_groups: no decay only for biases and 1-D tensors (cls_token, pos_embed ARE decayed)
+        "no_decay": [],
+    })
+    c.knn_at_end = False  # k-NN of the exported teacher (train → eval split) when the run ends
+    c.knn = ml_collections.ConfigDict({"k": 20, "temperature": 0.07})
+    return c
+
+
+def ibot_demo() -> ml_collections.ConfigDict:
+    """iBOT sized for the demo on 2 CPU cores: ViT 64-wide × 4 on 32-px global / 16-px local crops (4-px patches)."""
+    c = ibot("small")
+    c.data.dataset = "beitv2_demo"
+    c.data.eval_split = "test"
+    c.data.input_size = 32
+    c.data.patch_size = 4
+    c.data.num_workers = 0
+    c.data.read_threads = 2
+    c.batch_size = 128
+    c.num_epochs = 6
+    c.log_every_steps = 20
+    c.checkpoint_every_steps = 1000
+    c.model.update(patch_size=4, width=64, depth=4, num_heads=4, drop_path_rate=0.0)
+    c.head.update(out_dim=1024, patch_out_dim=1024, hidden_dim=256, bottleneck_dim=64, norm_last_layer=True)
+    c.crops.update(num_local=2, local_size=16)
+    c.loss.update(warmup_teacher_temp_epochs=2)
+    c.optim.update(warmup_epochs=1, freeze_last_layer_epochs=1)
+    c.teacher.momentum = 0.99
+    c.knn_at_end = True
+    return c
+
+
+def beit_v1_pretrain(epochs: int = 800) -> ml_collections.ConfigDict:
+    """BEiT v1 pretraining on ImageNet-1k (reference §1): DALL-E dVAE tokenizer on a 112-px lanczos second view, no
+    patch-aggregation head; IN-1k README recipe (16 × 128 = 2048, lr 1.5e-3, 10 warm-up epochs, 800 epochs, clip 3,
+    drop path 0.1, layer scale 0.1, ImageNet mean/std), AdamW β₂ 0.999, constant wd 0.05."""
+    c = beitv2_pretrain("base", 1600)
+    c.num_epochs = epochs
+    c.data.second_input_size = 112  # the dVAE downsamples by 8: 112 / 8 = 14 = 224 / 16
+    c.data.second_interpolation = "lanczos"
+    c.data.min_crop_scale = 0.08
+    c.data.color_jitter = 0.4
+    c.model.update(head_layers=0, drop_path_rate=0.1, layer_scale_init=0.1)
+    c.tokenizer = ml_collections.ConfigDict({"kind": "dvae", "checkpoint": ""})  # python -m beitv2_jax.convert.family
+    c.targets = "hard"
+    c.optim.update(b2=0.999)
+    return c
+
+
+def mcbeit_pretrain(epochs: int = 800) -> ml_collections.ConfigDict:
+    """mc-BEiT pretraining on ImageNet-1k (reference §2; ``lixiaotong97/mc-BEiT`` README and argparse defaults):
+    soft multi-choice targets (ω 0.2, tokenizer temperature 4.0, similarity temperature 1.0), no colour jitter,
+    AdamW β₂ 0.98, 800 epochs, random masking of 75 % of the patches (README ``--mask_type random``: single-patch
+    blocks fill exactly 147 of 196 uniformly at random). Tokenizer: the DALL-E dVAE (the code's ``dall-e`` option;
+    the paper's default is a Gumbel VQGAN that has no port here)."""
+    c = beit_v1_pretrain(epochs)
+    c.data.color_jitter = 0.0
+    c.data.num_masked_patches = 147
+    c.data.min_mask_patches_per_block = 1
+    c.data.max_mask_patches_per_block = 1
+    c.targets = "multi_choice"
+    c.multi_choice = ml_collections.ConfigDict({
+        "omega": 0.2,  # target = ω · W p + (1 − ω) · p
+        "tokenizer_temperature": 4.0,
+        "similarity_temperature": 1.0,
+        # official: W is built from the online features without detach, so gradients flow through the target
+        "stop_gradient_similarity": False,
+    })
+    c.optim.update(b2=0.98)
+    return c

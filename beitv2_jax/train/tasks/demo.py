@@ -72,17 +72,25 @@ def beit_features(model_cfg: dict, params, pooling: str):
 
 
 def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_dir: str, mesh) -> dict:
+    from beitv2_jax import recipes
     from beitv2_jax.convert import store
+    from beitv2_jax.train.tasks import linear_probe
 
     data = config.data
     batch = config.batch_size
     results = {}
+    probe = config.eval.get("linear_probe") or recipes.demo_linear_probe()
+    probe_settings = linear_probe.ProbeSettings(probe.epochs, probe.batch_size, probe.optim.to_dict(), config.seed,
+                                                probe.get("standardize", False))
 
     def knn_of(name, feature_fn):
+        """k-NN and a linear probe on the same cached features (train split → test split)."""
         tr = knn.extract_features(feature_fn, data, data.train_split, batch, mesh)
         te = knn.extract_features(feature_fn, data, data.eval_split, batch, mesh)
         num_classes = int(max(tr[1].max(), te[1].max())) + 1
         results[name] = knn.knn_accuracy(*tr, *te, num_classes, config.eval.knn_k, config.eval.knn_temperature)
+        probe_result = linear_probe.train_on_features(*tr, *te, num_classes, probe_settings)
+        results[name].update(linear_top1=probe_result["top1"], linear_top5=probe_result["top5"])
 
     teacher, teacher_params = teachers_lib.teacher_from_checkpoint("vit_checkpoint", teacher_dir)
     knn_of(f"teacher: {TEACHER_NAME}", lambda x: teacher.features(teacher_params, x).mean(1))
@@ -140,9 +148,22 @@ def print_summary(results: dict, stage_times: dict, workdir: str) -> str:
     if p:
         lines.append(f"  BEiT v2: loss {p.get('first_loss', float('nan')):.3f} -> {p.get('loss', float('nan')):.3f}, "
                      f"mlm_acc_1 {p.get('mlm_acc_1', float('nan')):.3f}, mlm_acc_2 {p.get('mlm_acc_2', float('nan')):.3f}")
-    lines.append(f"  {'k-NN on the test split (k=20, T=0.07)':<48} {'top-1':>8} {'top-5':>8}")
-    for name, r in results.get("knn", {}).items():
-        lines.append(f"  {name:<48} {r['knn_top1']:8.2f} {r['knn_top5']:8.2f}")
+    evals = results.get("knn", {})
+    lines.append(f"  {'test split: k-NN (k=20, T=0.07), linear probe':<48} {'k-NN@1':>7} {'k-NN@5':>7} "
+                 f"{'linear@1':>9}")
+    for name, r in evals.items():
+        lines.append(f"  {name:<48} {r['knn_top1']:7.2f} {r['knn_top5']:7.2f} "
+                     f"{r.get('linear_top1', float('nan')):9.2f}")
+    pairs = [(pool, evals.get(f"BEiT v2 encoder ({pool})"), evals.get(f"same encoder, random init ({pool})"))
+             for pool in ("cls", "mean")]
+    pairs = [(pool, pre, rnd) for pool, pre, rnd in pairs if pre and rnd]
+    if pairs:
+        lines.append(f"  {'pretrained vs random init (same encoder)':<48} {'linear@1':>17} {'k-NN@1':>17}")
+        for pooling, pre, rnd in pairs:
+            label = f"{pooling} features" + (" (paper: cls with patch aggregation)" if pooling == "cls" else "")
+            nan = float("nan")
+            lines.append(f"  {label:<48} {pre.get('linear_top1', nan):7.2f} vs {rnd.get('linear_top1', nan):6.2f} "
+                         f"{pre['knn_top1']:7.2f} vs {rnd['knn_top1']:6.2f}")
     t = results.get("tokenizer", {})
     if t:
         lines.append(f"  tokenizer test-split code usage: {t['test_codebook_usage']:.1f}% of {t['num_codes']} codes")

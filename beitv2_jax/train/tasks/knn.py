@@ -1,17 +1,26 @@
-"""k-NN evaluation of a frozen encoder (the DINO/iBOT protocol): cosine-similarity weighted vote.
+"""Task ``knn``: k-NN evaluation of a frozen encoder (the DINO/iBOT protocol), cosine-similarity weighted vote.
 
-Features are l2-normalised; each test image takes its ``k`` most similar training images, weights each
-neighbour's class by ``exp(similarity / temperature)`` and predicts the class with the largest sum.
+Features are l2-normalised; each test image takes its ``k`` most similar training images (k = 20), weights each
+neighbour's class by ``exp(similarity / temperature)`` (T = 0.07) and predicts the class with the largest sum.
+Similarities are computed on device, ``chunk`` test images at a time against all training features.
+Features: ``config.knn.feature`` = ``auto`` (CLS after the final norm for patch-aggregation models, else the mean
+of the patch tokens), ``cls`` or ``mean`` (see ``linear_probe.feature_fn``).
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import logging
 
 from beitv2_jax.data import pipeline
+from beitv2_jax.train import sharding
+from beitv2_jax.train.metrics import MetricsWriter
 from beitv2_jax.train.tasks import common
 
 
@@ -29,10 +38,18 @@ def l2n(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def extract_features(feature_fn: Callable, data_config, split: str, batch_size: int, mesh):
-    """``(features [n, D] float32, labels [n])`` of a whole split through the eval transform."""
+def extract_features(feature_fn: Callable, data_config, split: str, batch_size: int, mesh, params=None):
+    """``(features [n, D] float32, labels [n])`` of a whole split through the eval transform.
+
+    ``feature_fn(images)``, or ``feature_fn(params, images)`` when ``params`` is given (passed to the jitted
+    function as an argument, so large encoders are not baked into the program as constants).
+    """
+    if params is None:
+        fn = jax.jit(lambda p, b: {"f": feature_fn(b["image"]), "y": b["label"]})
+    else:
+        fn = jax.jit(lambda p, b: {"f": feature_fn(p, b["image"]), "y": b["label"]})
     iterator = pipeline.make_eval_iterator(data_config, batch_size, split=split)
-    outs = common.eval_pass(jax.jit(lambda b: {"f": feature_fn(b["image"]), "y": b["label"]}), iterator, mesh)
+    outs = common.eval_pass(lambda b: fn(params, b), iterator, mesh)
     return np.concatenate([o["f"] for o in outs]).astype(np.float32), np.concatenate([o["y"] for o in outs])
 
 
@@ -49,3 +66,37 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     top1 = float((ranked[:, 0] == test_labels).mean() * 100)
     top5 = float((ranked[:, :min(5, num_classes)] == test_labels[:, None]).any(1).mean() * 100)
     return {"knn_top1": top1, "knn_top5": top5}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """k-NN top-1/top-5 of ``config.pretrained.checkpoint`` on ``config.data`` (train split → eval split)."""
+    from beitv2_jax.train.tasks import finetune, linear_probe
+
+    common.log_header("knn", config, workdir)
+    common.prepare_workdir(config, workdir)
+    mesh = sharding.make_mesh(config.get("mesh"))
+    pretrained = finetune.load_pretrained(config.pretrained.checkpoint, config.pretrained.get("format", ""))
+    pretrained = linear_probe.at_resolution(pretrained, config.data.input_size)
+    feature = linear_probe.resolve_feature(config.knn.feature, pretrained)
+    if feature == "per_layer":
+        raise ValueError("config.knn.feature must be auto, cls or mean (per_layer is a linear-probe protocol)")
+    model = linear_probe.encoder_model(pretrained, config.get("dtype", "float32"))
+    params = jax.device_put(pretrained.params, sharding.replicated(mesh))
+    features = linear_probe.feature_fn(model, feature)
+    batch = config.get("eval_batch_size") or config.batch_size
+    train = extract_features(features, config.data, config.data.train_split, batch, mesh, params)
+    test = extract_features(features, config.data, config.data.eval_split, batch, mesh, params)
+    num_classes = int(config.get("num_classes") or max(train[1].max(), test[1].max()) + 1)
+    result = knn_accuracy(*train, *test, num_classes, config.knn.k, config.knn.temperature,
+                          config.knn.get("chunk", 1024))
+    result.update(feature=feature, k=config.knn.k, temperature=config.knn.temperature,
+                  num_train=int(len(train[1])), num_test=int(len(test[1])), checkpoint=config.pretrained.checkpoint)
+    writer = MetricsWriter(workdir)
+    writer.write_scalars(0, {"eval/knn_top1": result["knn_top1"], "eval/knn_top5": result["knn_top5"]})
+    writer.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    logging.info("k-NN (k=%d, T=%g, %s features): top-1 %.2f top-5 %.2f", config.knn.k, config.knn.temperature,
+                 feature, result["knn_top1"], result["knn_top5"])
+    return result
