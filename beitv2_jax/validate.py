@@ -42,7 +42,8 @@ def _reference(task: str) -> Optional[Callable[[], ConfigDict]]:
     """The recipe that defines ``task``'s config keys and types, if known."""
     from beitv2_jax import recipes
 
-    return {"pretrain": recipes.beitv2_pretrain, "vqkd": recipes.vqkd}.get(task)
+    return {"pretrain": recipes.beitv2_pretrain, "vqkd": recipes.vqkd, "finetune": recipes.beitv2_finetune,
+            "linear_probe": recipes.linear_probe, "knn": recipes.knn_eval}.get(task)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,14 +126,14 @@ def _one_of(config, key: str, allowed: tuple, path: str = "config") -> None:
     _require(value in allowed, f"{path}.{key} must be one of {allowed}, got {value!r}")
 
 
-def validate_data(data: ConfigDict) -> None:
+def validate_data(data: ConfigDict, masking: bool = True) -> None:
     for key in ("input_size", "patch_size"):
         _positive_int(data, key, "config.data")
     _require(data.input_size % data.patch_size == 0,
              f"config.data.input_size={data.input_size} must be a multiple of config.data.patch_size="
              f"{data.patch_size}")
     num_patches = (data.input_size // data.patch_size) ** 2
-    _require(0 < data.num_masked_patches <= num_patches,
+    _require(not masking or 0 < data.num_masked_patches <= num_patches,
              f"config.data.num_masked_patches={data.num_masked_patches} must be in [1, {num_patches}] "
              f"(the number of patches)")
     for key in ("interpolation", "second_interpolation"):
@@ -248,13 +249,23 @@ def validate_dataset(config: ConfigDict, splits: tuple) -> None:
 def validate_stage(config: ConfigDict, task: str, parent: Optional[ConfigDict] = None) -> None:
     """Values of one training task's config (``parent``: the demo config whose data/mesh/batch it uses)."""
     run = parent or config
-    validate_data(run.data)
+    validate_data(run.data, masking=task in ("pretrain", "demo"))
     validate_batch(run)
     validate_run_settings(config)
     if task == "pretrain":
         validate_pretrain(config, run.data, standalone=parent is None)
     elif task == "vqkd":
         validate_vqkd(config, standalone=parent is None)
+    elif task in ("finetune", "linear_probe", "knn"):
+        validate_pretrained(config)
+
+
+def validate_pretrained(config: ConfigDict) -> None:
+    """The encoder to evaluate must exist: a directory of ours or a PyTorch file with its ``format``."""
+    ckpt = config.pretrained.get("checkpoint") or ""
+    _require(bool(ckpt) and os.path.exists(ckpt),
+             f"config.pretrained.checkpoint={ckpt!r} does not exist: give a model directory written by a training "
+             f"task or `python -m beitv2_jax.convert`, or a .pth/.safetensors file with config.pretrained.format")
 
 
 def validate_config(config: ConfigDict, workdir: Optional[str] = None) -> None:
