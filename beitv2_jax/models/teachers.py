@@ -11,7 +11,7 @@ Teachers take tokenizer-view images in ``[0, 1]`` (NHWC), never receive gradient
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -89,10 +89,13 @@ def dino_vit_b16(**overrides) -> vit.VisionTransformer:
 
 
 def teacher_from_checkpoint(kind: str, directory: str, layer: Optional[int] = None, use_norm: bool = True,
-                            normalisation: Optional[str] = None, image_size: Optional[int] = None):
+                            normalisation: Optional[str] = None, image_size: Optional[int] = None,
+                            dtype: Any = "float32"):
     """Load a teacher from a directory written by ``beitv2_jax.convert`` or by a training task.
 
     Returns ``(Teacher, params)``. For ``beit_pretrain`` checkpoints the backbone is used with its final norm.
+    ``dtype`` (``'float32'`` | ``'bfloat16'`` or a jnp dtype; e.g. the run's ``config.dtype``) is the teacher's
+    compute dtype; its params stay float32 and :meth:`Teacher.features` still returns float32 targets.
     """
     from beitv2_jax.convert import store  # keeps orbax off the import path of the model code
 
@@ -111,11 +114,22 @@ def teacher_from_checkpoint(kind: str, directory: str, layer: Optional[int] = No
     if image_size is not None and image_size != model_config.get("image_size"):
         raise ValueError(f"teacher {directory} was built for {model_config.get('image_size')}px images, "
                          f"the tokenizer view is {image_size}px")
+    model_config["dtype"] = compute_dtype(dtype)
     model = vit.VisionTransformer(**model_config)
     default_norm = {"clip": "clip", "dino": "imagenet", "vit_checkpoint": "imagenet"}[kind]
     teacher = Teacher(model=model, normalisation=normalisation or default_norm, layer=layer, use_norm=use_norm,
                       project=(kind == "clip"), name=f"{kind}:{directory}")
     return teacher, jax.tree.map(jnp.asarray, params)
+
+
+def compute_dtype(dtype: Any):
+    """``'float32'`` | ``'bfloat16'`` (or a jnp dtype; None = float32) → the jnp dtype."""
+    names = {None: jnp.float32, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if dtype is None or isinstance(dtype, str):
+        if dtype not in names:
+            raise ValueError(f"teacher dtype must be one of ('float32', 'bfloat16'), got {dtype!r}")
+        return names[dtype]
+    return dtype
 
 
 def param_count(params) -> int:

@@ -158,7 +158,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, bias: Optional[jax.Array] = None) -> jax.Array:
         """x ``[B, T, D]``; bias ``[heads, T, T]`` (added to the attention logits) → ``[B, T, D]``."""
-        batch, tokens, dim = x.shape
+        dim = x.shape[-1]
         heads = self.num_heads
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by num_heads {heads}")
@@ -193,14 +193,24 @@ class Attention(nn.Module):
 
         scale = head_dim ** -0.5
         if self.attention_impl == "einsum":
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(jnp.float32)
+            # q·k in the compute dtype, accumulated and returned in float32 (no bf16 rounding of the logits); the
+            # softmax runs in float32 and the probabilities go back to the compute dtype for the ·v product. The
+            # bf16 algorithm preset keeps the backward matmuls (float32 cotangent × bf16 q/k) on bf16 inputs too, as
+            # jax.nn.dot_product_attention does; float32 models keep the default precision (unchanged numerics).
+            precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, precision=precision,
+                                preferred_element_type=jnp.float32)
             if bias is not None:
                 logits = logits + bias.astype(jnp.float32)[None]
             weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         elif self.attention_impl in ("xla", "cudnn"):
-            att_bias = None if bias is None else jnp.broadcast_to(bias[None], (batch, heads, tokens, tokens)).astype(
-                self.dtype)
+            # The bias is shared across the batch: pass it as [1, H, T, T] (dot_product_attention broadcasts any
+            # 4-d bias to [B, H, T, T]) instead of materialising a copy per example. The XLA path adds it to its
+            # float32 logits, so it stays float32 there; cuDNN takes it in the q/k/v dtype.
+            att_bias = None
+            if bias is not None:
+                att_bias = bias[None].astype(jnp.float32 if self.attention_impl == "xla" else self.dtype)
             out = jax.nn.dot_product_attention(q, k, v, bias=att_bias, scale=scale,
                                                implementation=self.attention_impl)
         else:

@@ -29,10 +29,13 @@ from beitv2_jax.train.tasks import common
 
 
 def load_teacher(config: ml_collections.ConfigDict):
+    """``(Teacher, params)`` for ``config.teacher``; the teacher computes in ``config.dtype`` (float32 params,
+    float32 targets for the cosine loss)."""
     t = config.teacher
     return teachers_lib.teacher_from_checkpoint(
         t.kind, t.checkpoint, layer=t.get("layer"), use_norm=t.get("use_norm", True),
-        normalisation=t.get("normalisation"), image_size=config.data.input_size)
+        normalisation=t.get("normalisation"), image_size=config.data.input_size,
+        dtype=config.get("dtype", "float32"))
 
 
 def model_config(config: ml_collections.ConfigDict, teacher_dim: int) -> dict:

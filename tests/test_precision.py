@@ -1,0 +1,198 @@
+"""The bf16 precision policy (issue #9): float32 params, compute in ``config.dtype``, attention logits / softmax,
+quantizer and losses in float32.
+
+* the VQ-KD teacher runs its matmuls in ``config.dtype`` and still hands float32 targets to the cosine loss;
+* einsum attention accumulates q·k in float32 (``preferred_element_type``) from bf16 operands;
+* the ``xla`` attention path gets the shared relative position bias as ``[1, H, T, T]`` and matches einsum.
+
+Tiny models only (width 32–64, depth 2, 32×32 images); most checks read jaxprs, nothing large is compiled.
+"""
+import collections
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from beitv2_jax.models import teachers, vit
+from beitv2_jax.models import vqkd as vqkd_lib
+from beitv2_jax.train import state as state_lib
+from beitv2_jax.train.tasks import vqkd as vqkd_task
+
+SIZE, PATCH, DEPTH = 32, 8, 2
+TEACHER = dict(image_size=SIZE, patch_size=PATCH, width=32, depth=DEPTH, num_heads=2, qkv_bias="full",
+               use_abs_pos=True, use_final_norm=True, pooling="cls")
+MATMULS_PER_BLOCK = 6  # qkv, q·k, p·v, proj, fc1, fc2
+
+
+# ----------------------------------------------------------------------------------------------- jaxpr helpers
+def _sub_jaxprs(value):
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jax.extend.core.Jaxpr):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _sub_jaxprs(v)
+
+
+def dot_generals(jaxpr):
+    """Every ``dot_general`` equation of a (closed) jaxpr, nested jaxprs (jit, custom_jvp, remat, ...) included."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in _sub_jaxprs(value):
+                yield from dot_generals(sub)
+
+
+def dot_dtype_counts(jaxpr) -> collections.Counter:
+    """``Counter`` of dot_generals keyed by their operand dtypes, e.g. ``('bfloat16', 'bfloat16')``."""
+    return collections.Counter(tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in dot_generals(jaxpr))
+
+
+BF16, F32 = ("bfloat16", "bfloat16"), ("float32", "float32")
+
+
+# ----------------------------------------------------------------------------------------------- (a) VQ-KD teacher
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from beitv2_jax.convert import store
+
+    model = vit.VisionTransformer(**TEACHER)
+    params = flax.linen.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))["params"])
+    directory = str(tmp_path_factory.mktemp("teacher"))
+    store.save_variables(directory, {"params": jax.device_get(params)}, "vit", TEACHER)
+    return directory
+
+
+def _vqkd_config(teacher_dir, dtype):
+    return ml_collections.ConfigDict({"dtype": dtype, "data": {"input_size": SIZE},
+                                      "teacher": {"kind": "dino", "checkpoint": teacher_dir}})
+
+
+def test_teacher_dtype_default_is_float32_and_bf16_targets_are_float32(teacher_dir):
+    images = jax.random.uniform(jax.random.PRNGKey(1), (2, SIZE, SIZE, 3))
+    default, params = teachers.teacher_from_checkpoint("dino", teacher_dir, image_size=SIZE)
+    fp32, _ = vqkd_task.load_teacher(_vqkd_config(teacher_dir, "float32"))
+    bf16, bf16_params = vqkd_task.load_teacher(_vqkd_config(teacher_dir, "bfloat16"))
+    assert default.model.dtype == jnp.float32 and default.model == fp32.model
+    assert bf16.model.dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16_params))  # params stay float32
+
+    default_jaxpr = jax.make_jaxpr(default.features)(params, images)
+    bf16_jaxpr = jax.make_jaxpr(bf16.features)(params, images)
+    assert dot_dtype_counts(default_jaxpr) == {F32: MATMULS_PER_BLOCK * DEPTH}
+    assert dot_dtype_counts(bf16_jaxpr) == {BF16: MATMULS_PER_BLOCK * DEPTH}  # every teacher matmul in bf16
+    assert bf16_jaxpr.out_avals[0].dtype == jnp.float32  # targets for the cosine loss stay float32
+
+    ref, out = jax.jit(lambda p, x: (default.features(p, x), bf16.features(p, x)))(params, images)
+    assert out.dtype == jnp.float32 and out.shape == ref.shape == (2, (SIZE // PATCH) ** 2, TEACHER["width"])
+    err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    assert err < 2e-2, err
+
+
+def test_vqkd_train_step_runs_the_teacher_in_bf16(teacher_dir):
+    """Same bf16 tokenizer, teacher in float32 vs bf16: exactly the teacher's matmuls move to bf16; loss float32."""
+    cfg = dict(image_size=SIZE, patch_size=PATCH, width=32, depth=DEPTH, num_heads=2, decoder_depth=1,
+               num_codes=16, code_dim=8, teacher_dim=TEACHER["width"], dtype="bfloat16")
+    model = vqkd_lib.build_vqkd(cfg)
+    images = jax.random.uniform(jax.random.PRNGKey(1), (2, SIZE, SIZE, 3))
+    variables = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), images[:1]))
+    tx = optax.adamw(1e-3)
+    extra = {"epoch_counts": jnp.zeros((model.num_codes,), jnp.float32), "bad_steps": jnp.zeros((), jnp.int32)}
+    state = jax.eval_shape(lambda v: state_lib.create(v["params"], tx, model_state={"codebook": v["codebook"]},
+                                                      extra=extra), variables)
+    counts, metrics = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        teacher, tparams = vqkd_task.load_teacher(_vqkd_config(teacher_dir, dtype))
+        step = vqkd_task.make_train_step(model, teacher, tx, lambda s: 1e-3)
+        jaxpr = jax.make_jaxpr(step)(state, {"image": images}, tparams)
+        counts[dtype] = dot_dtype_counts(jaxpr)
+        metrics[dtype] = jax.eval_shape(step, state, {"image": images}, tparams)[1]
+    teacher_matmuls = MATMULS_PER_BLOCK * DEPTH
+    assert counts["bfloat16"][BF16] - counts["float32"][BF16] == teacher_matmuls
+    assert counts["float32"][F32] - counts["bfloat16"][F32] == teacher_matmuls
+    assert counts["bfloat16"][BF16] > teacher_matmuls  # the tokenizer's encoder/decoder are bf16 as well
+    for name in ("loss", "rec_loss", "quant_loss"):
+        assert metrics["bfloat16"][name].dtype == jnp.float32, name
+
+
+# ----------------------------------------------------------------------------------------------- (b) einsum logits
+def _tiny_vit(**kw):
+    return vit.VisionTransformer(image_size=SIZE, patch_size=PATCH, width=64, depth=DEPTH, num_heads=4,
+                                 rel_pos="shared", layer_scale_init=0.1, **kw)
+
+
+def _random_params(model, x, seed=3, std=0.3):
+    shapes = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"])
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(tree, [std * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def test_einsum_attention_logits_accumulate_in_float32():
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, SIZE, SIZE, 3))
+    fp32, bf16 = _tiny_vit(), _tiny_vit(dtype=jnp.bfloat16)
+    params = _random_params(fp32, x)
+    tokens, heads = (SIZE // PATCH) ** 2 + 1, 4
+
+    jaxpr = jax.make_jaxpr(lambda p, x: bf16.apply({"params": p}, x)["encoded"])(params, x)
+    logits = [e for e in dot_generals(jaxpr) if e.outvars[0].aval.shape == (2, heads, tokens, tokens)]
+    assert len(logits) == DEPTH
+    for eqn in logits:
+        assert [str(v.aval.dtype) for v in eqn.invars] == ["bfloat16", "bfloat16"]  # q, k in the compute dtype
+        assert eqn.params["preferred_element_type"] == jnp.float32 and eqn.outvars[0].aval.dtype == jnp.float32
+    # float32 models: the same dot_general as before (float32 in and out, default precision).
+    for eqn in dot_generals(jax.make_jaxpr(lambda p, x: fp32.apply({"params": p}, x)["encoded"])(params, x)):
+        assert all(v.aval.dtype == jnp.float32 for v in (*eqn.invars, *eqn.outvars))
+        assert eqn.params["precision"] is None
+
+    def loss(p, model):
+        return jnp.mean(model.apply({"params": p}, x)["encoded"].astype(jnp.float32) ** 2)
+
+    @jax.jit
+    def run(params):
+        return (fp32.apply({"params": params}, x)["encoded"], bf16.apply({"params": params}, x)["encoded"],
+                jax.grad(loss)(params, fp32), jax.grad(loss)(params, bf16))
+
+    ref, out, ref_grads, grads = run(params)
+    assert out.dtype == jnp.bfloat16
+    err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+    assert err < 2e-2, err
+    # The backward pass (float32 logit cotangent × bf16 q/k) traces, compiles and stays close to float32.
+    flat_ref, flat = (jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)]) for t in (ref_grads, grads))
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads)) and bool(jnp.isfinite(flat).all())
+    assert float(jnp.linalg.norm(flat - flat_ref) / jnp.linalg.norm(flat_ref)) < 5e-2
+
+
+# ----------------------------------------------------------------------------------------------- (c) xla + bias
+def test_xla_attention_gets_a_batch_shared_bias_and_matches_einsum(monkeypatch):
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, SIZE, SIZE, 3))
+    einsum, xla = _tiny_vit(), _tiny_vit(attention_impl="xla")
+    params = _random_params(einsum, x, std=0.2)
+    # A non-zero relative position table, so the bias matters.
+    table = params["rel_pos_bias"]["relative_position_bias_table"]
+    params["rel_pos_bias"]["relative_position_bias_table"] = jax.random.normal(jax.random.PRNGKey(5), table.shape)
+
+    seen = []
+    original = jax.nn.dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["bias"].shape, kwargs["bias"].dtype))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    out = xla.apply({"params": params}, x)["encoded"]
+    tokens = (SIZE // PATCH) ** 2 + 1
+    assert seen == [((1, 4, tokens, tokens), jnp.float32)] * DEPTH  # shared across the batch, not [B, H, T, T]
+
+    ref = einsum.apply({"params": params}, x)["encoded"]
+    no_bias = einsum.apply({"params": {**params, "rel_pos_bias": {"relative_position_bias_table": 0 * table}}},
+                           x)["encoded"]
+    assert float(jnp.abs(no_bias - ref).max()) > 1e-2  # the bias is not a no-op here
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
