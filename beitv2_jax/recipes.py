@@ -45,7 +45,16 @@ def beitv2_pretrain(size: str = "base", epochs: int = 1600) -> ml_collections.Co
         "attention_impl": "einsum",
         "remat_policy": "none",
     })
-    c.tokenizer = ml_collections.ConfigDict({"checkpoint": ""})  # dir from the vqkd task or the converter
+    # kind: vqkd (BEiT v2) | dvae (BEiT v1, the DALL-E encoder); checkpoint: dir from the vqkd task or a converter
+    c.tokenizer = ml_collections.ConfigDict({"kind": "vqkd", "checkpoint": ""})
+    c.targets = "hard"  # hard code ids | multi_choice (mc-BEiT soft targets, settings below)
+    c.multi_choice = ml_collections.ConfigDict({
+        "omega": 0.2,  # target = ω · W p + (1 − ω) · p
+        "tokenizer_temperature": 4.0,
+        "similarity_temperature": 1.0,
+        # official: W is built from the online features without detach, so gradients flow through the target
+        "stop_gradient_similarity": False,
+    })
     c.optim = ml_collections.ConfigDict({
         "lr": 1.5e-3, "min_lr": 1e-5, "warmup_epochs": 10, "b1": 0.9, "b2": 0.999 if epochs >= 1600 else 0.98,
         "eps": 1e-8, "weight_decay": 0.05, "clip_grad": 3.0,
@@ -205,12 +214,14 @@ def ibot(size: str = "small") -> ml_collections.ConfigDict:
         "norm_last_layer": not small,  # weight_g frozen at 1 (the teacher's follows the student by EMA)
     })
     c.crops = ml_collections.ConfigDict({
-        "num_global": 2, "global_scale": [0.25, 1.0],  # global crop size = data.input_size
-        "num_local": 10, "local_size": 96, "local_scale": [0.05, 0.25],
+        "num_global": 2, "global_scale": (0.25, 1.0),  # global crop size = data.input_size
+        "num_local": 10, "local_size": 96, "local_scale": (0.05, 0.25),
+        # DINO augmentations: ColorJitter(brightness, contrast, saturation, hue) with p 0.8, grayscale p 0.2
+        "color_jitter": (0.4, 0.4, 0.2, 0.1), "color_jitter_prob": 0.8, "grayscale_prob": 0.2,
     })
     c.masking = ml_collections.ConfigDict({
         # per global crop: ratio 0 or U(0.1, 0.5), each with probability 0.5; BEiT-style blocks
-        "pred_ratio": [0.0, 0.3], "pred_ratio_var": [0.0, 0.2], "pred_shape": "block", "min_aspect": 0.3,
+        "pred_ratio": (0.0, 0.3), "pred_ratio_var": (0.0, 0.2), "pred_shape": "block", "min_aspect": 0.3,
     })
     c.loss = ml_collections.ConfigDict({
         "student_temp": 0.1, "warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_patch_temp": 0.04,
@@ -235,23 +246,28 @@ def ibot(size: str = "small") -> ml_collections.ConfigDict:
 
 
 def ibot_demo() -> ml_collections.ConfigDict:
-    """iBOT sized for the demo on 2 CPU cores: ViT 64-wide × 4 on 32-px global / 16-px local crops (4-px patches)."""
+    """iBOT sized for the demo on 2 CPU cores: a 64-wide, 2-block ViT on 32-px global / 16-px local crops (4-px
+    patches), a 1024-way head, 3 epochs. Optimisation as the official recipe (lr 5e-4 · batch/256, last layer frozen
+    for the first epoch, temperatures and augmentations unchanged) except the teacher momentum (0.99: the run is
+    ~100 steps) and no lr warm-up. Higher lr or stronger colour augmentation collapse the CLS outputs to uniform at
+    this scale (see the issue #10 report)."""
     c = ibot("small")
     c.data.dataset = "beitv2_demo"
     c.data.eval_split = "test"
     c.data.input_size = 32
     c.data.patch_size = 4
+    c.data.num_masked_patches = 24  # BEiT keys of the shared data section: unused by iBOT, kept valid
+    c.data.min_mask_patches_per_block = 4
     c.data.num_workers = 0
     c.data.read_threads = 2
     c.batch_size = 128
-    c.num_epochs = 6
-    c.log_every_steps = 20
+    c.num_epochs = 3
+    c.log_every_steps = 13
     c.checkpoint_every_steps = 1000
-    c.model.update(patch_size=4, width=64, depth=4, num_heads=4, drop_path_rate=0.0)
+    c.model.update(patch_size=4, width=64, depth=2, num_heads=4, drop_path_rate=0.0)
     c.head.update(out_dim=1024, patch_out_dim=1024, hidden_dim=256, bottleneck_dim=64, norm_last_layer=True)
     c.crops.update(num_local=2, local_size=16)
-    c.loss.update(warmup_teacher_temp_epochs=2)
-    c.optim.update(warmup_epochs=1, freeze_last_layer_epochs=1)
+    c.optim.update(warmup_epochs=0, freeze_last_layer_epochs=1)
     c.teacher.momentum = 0.99
     c.knn_at_end = True
     return c
@@ -268,8 +284,7 @@ def beit_v1_pretrain(epochs: int = 800) -> ml_collections.ConfigDict:
     c.data.min_crop_scale = 0.08
     c.data.color_jitter = 0.4
     c.model.update(head_layers=0, drop_path_rate=0.1, layer_scale_init=0.1)
-    c.tokenizer = ml_collections.ConfigDict({"kind": "dvae", "checkpoint": ""})  # python -m beitv2_jax.convert.family
-    c.targets = "hard"
+    c.tokenizer.kind = "dvae"  # checkpoint: python -m beitv2_jax.convert.family dalle_encoder ...
     c.optim.update(b2=0.999)
     return c
 
@@ -277,21 +292,11 @@ def beit_v1_pretrain(epochs: int = 800) -> ml_collections.ConfigDict:
 def mcbeit_pretrain(epochs: int = 800) -> ml_collections.ConfigDict:
     """mc-BEiT pretraining on ImageNet-1k (reference §2; ``lixiaotong97/mc-BEiT`` README and argparse defaults):
     soft multi-choice targets (ω 0.2, tokenizer temperature 4.0, similarity temperature 1.0), no colour jitter,
-    AdamW β₂ 0.98, 800 epochs, random masking of 75 % of the patches (README ``--mask_type random``: single-patch
-    blocks fill exactly 147 of 196 uniformly at random). Tokenizer: the DALL-E dVAE (the code's ``dall-e`` option;
-    the paper's default is a Gumbel VQGAN that has no port here)."""
+    AdamW β₂ 0.98, 800 epochs, block masking of 75 patches (the code's default ``--mask_type block``; the README
+    command's ``--mask_type random`` with ratio 0.75 needs a random-mask option in the data pipeline). Tokenizer: the
+    DALL-E dVAE (the code's ``dall-e`` option; the paper's default is a Gumbel VQGAN that has no port here)."""
     c = beit_v1_pretrain(epochs)
     c.data.color_jitter = 0.0
-    c.data.num_masked_patches = 147
-    c.data.min_mask_patches_per_block = 1
-    c.data.max_mask_patches_per_block = 1
-    c.targets = "multi_choice"
-    c.multi_choice = ml_collections.ConfigDict({
-        "omega": 0.2,  # target = ω · W p + (1 − ω) · p
-        "tokenizer_temperature": 4.0,
-        "similarity_temperature": 1.0,
-        # official: W is built from the online features without detach, so gradients flow through the target
-        "stop_gradient_similarity": False,
-    })
+    c.targets = "multi_choice"  # ω 0.2, tokenizer temperature 4.0, similarity temperature 1.0, no stop-gradient
     c.optim.update(b2=0.98)
     return c

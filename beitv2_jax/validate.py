@@ -18,6 +18,7 @@ ConfigDict = ml_collections.ConfigDict
 _RUN_OPTIONAL = {"inject_nan_steps": (list, tuple), "logical_axis_rules": (list, tuple)}
 OPTIONAL_KEYS = {
     "pretrain": {"": _RUN_OPTIONAL, "model": {"init_std": (int, float)}, "optim": {"warmup_steps": (int,)}},
+    "ibot": {"": _RUN_OPTIONAL},
     "vqkd": {"": _RUN_OPTIONAL, "model": {"decoder_width": (int,), "decoder_heads": (int,),
                                           "drop_path_rate": (int, float)}, "optim": {"warmup_steps": (int,)}},
 }
@@ -27,6 +28,9 @@ OPERATIONAL_KEYS = frozenset({"allow_config_change", "log_every_steps", "checkpo
 DTYPES = ("float32", "bfloat16")
 INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest")
 TEACHER_KINDS = ("clip", "dino", "vit_checkpoint")
+TOKENIZER_KINDS = ("vqkd", "dvae")
+DEMO_STAGES = ("ibot", "vqkd", "pretrain")
+TARGETS = ("hard", "multi_choice")
 
 
 class ConfigError(ValueError):
@@ -43,7 +47,7 @@ def _reference(task: str) -> Optional[Callable[[], ConfigDict]]:
     from beitv2_jax import recipes
 
     return {"pretrain": recipes.beitv2_pretrain, "vqkd": recipes.vqkd, "finetune": recipes.beitv2_finetune,
-            "linear_probe": recipes.linear_probe, "knn": recipes.knn_eval}.get(task)
+            "linear_probe": recipes.linear_probe, "knn": recipes.knn_eval, "ibot": recipes.ibot}.get(task)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,7 +105,7 @@ def check_demo_keys(config: ConfigDict) -> None:
 
     base = recipes.base_run("demo")
     for key in config.keys():
-        if key in ("vqkd", "pretrain"):
+        if key in DEMO_STAGES:
             check_keys(config[key], _reference(key)(), f"config.{key}", OPTIONAL_KEYS[key])
         elif key not in base:
             _require(isinstance(config[key], ConfigDict),
@@ -189,31 +193,76 @@ def validate_pretrain(config: ConfigDict, data: ConfigDict, standalone: bool) ->
     _require(m.get("patch_size", data.patch_size) == data.patch_size,
              f"config.model.patch_size={m.get('patch_size')} must equal config.data.patch_size={data.patch_size} "
              f"(the mask generator's grid)")
+    tokenizer = config.get("tokenizer") or ConfigDict()
+    if "kind" in tokenizer:
+        _one_of(tokenizer, "kind", TOKENIZER_KINDS, "config.tokenizer")
+    if "targets" in config:
+        _one_of(config, "targets", TARGETS)
+    if config.get("targets") == "multi_choice":
+        mc = config.multi_choice
+        _require(0.0 <= mc.omega <= 1.0, f"config.multi_choice.omega={mc.omega} must be in [0, 1]")
+        for key in ("tokenizer_temperature", "similarity_temperature"):
+            _require(mc[key] > 0, f"config.multi_choice.{key}={mc[key]} must be > 0")
     if standalone:
-        validate_tokenizer(config.tokenizer.checkpoint, m.vocab_size, data.second_input_size)
+        num_patches = (data.input_size // data.patch_size) ** 2
+        validate_tokenizer(tokenizer.checkpoint, m.vocab_size, data.second_input_size,
+                           tokenizer.get("kind", "vqkd"), num_patches)
 
 
-def validate_tokenizer(directory: str, vocab_size: int, image_size: int) -> None:
-    """The tokenizer directory exists, holds a VQ-KD tokenizer, and matches the vocabulary and image size."""
+def validate_tokenizer(directory: str, vocab_size: int, image_size: int, kind: str = "vqkd",
+                       num_patches: Optional[int] = None) -> None:
+    """The tokenizer directory exists, holds a tokenizer of ``kind`` (vqkd | dvae), and matches the vocabulary,
+    the image size (VQ-KD) or the patch grid (dVAE: second_input_size / 8 per side = the backbone's grid)."""
     from beitv2_jax.convert import store
 
+    made_by = {"vqkd": "the vqkd task (<workdir>/tokenizer) or by `python -m beitv2_jax.convert --format "
+                       "official_vqkd`",
+               "dvae": "`python -m beitv2_jax.convert.family dalle_encoder --input encoder.pkl --output DIR`"}[kind]
     _require(bool(directory) and os.path.isdir(directory),
-             f"config.tokenizer.checkpoint={directory!r} is not a directory: give the tokenizer written by the "
-             f"vqkd task (<workdir>/tokenizer) or by `python -m beitv2_jax.convert --format official_vqkd`")
+             f"config.tokenizer.checkpoint={directory!r} is not a directory: give the tokenizer written by {made_by}")
     try:
         description = store.read_description(directory)
     except (OSError, ValueError) as e:
         raise ConfigError(f"config.tokenizer.checkpoint={directory!r} is not a tokenizer: {e}") from None
     cfg = description.get("model_config", {})
-    _require(description.get("model_kind") == "vqkd",
+    _require(description.get("model_kind") == kind,
              f"config.tokenizer.checkpoint={directory!r} holds a {description.get('model_kind')!r} model, "
-             f"not a VQ-KD tokenizer")
-    codes = cfg.get("num_codes")
+             f"not a {kind!r} tokenizer (config.tokenizer.kind={kind!r})")
+    codes = cfg.get("num_codes", cfg.get("vocab_size"))
     _require(codes in (None, vocab_size), f"config.model.vocab_size={vocab_size} must equal the tokenizer's "
                                           f"{codes} codes (config.tokenizer.checkpoint={directory!r})")
-    size = cfg.get("image_size")
-    _require(size in (None, image_size), f"config.data.second_input_size={image_size} must equal the tokenizer's "
-                                         f"image size {size} (config.tokenizer.checkpoint={directory!r})")
+    if kind == "vqkd":
+        size = cfg.get("image_size")
+        _require(size in (None, image_size), f"config.data.second_input_size={image_size} must equal the "
+                                             f"tokenizer's image size {size} (config.tokenizer.checkpoint={directory!r})")
+    elif num_patches is not None:
+        stride = 2 ** (cfg.get("group_count", 4) - 1)
+        tokens = (image_size // stride) ** 2
+        _require(image_size % stride == 0 and tokens == num_patches,
+                 f"config.data.second_input_size={image_size} gives {tokens} dVAE tokens (stride {stride}) but the "
+                 f"backbone has {num_patches} patches; use second_input_size = {stride} × the patch grid side")
+
+
+def validate_ibot(config: ConfigDict) -> None:
+    data, m, crops, masking = config.data, config.model, config.crops, config.masking
+    _require(m.width % m.num_heads == 0,
+             f"config.model.width={m.width} must be divisible by config.model.num_heads={m.num_heads}")
+    _require(m.get("patch_size", data.patch_size) == data.patch_size,
+             f"config.model.patch_size={m.get('patch_size')} must equal config.data.patch_size={data.patch_size}")
+    _positive_int(crops, "num_global", "config.crops")
+    _require(isinstance(crops.num_local, int) and crops.num_local >= 0,
+             f"config.crops.num_local must be an integer >= 0, got {crops.num_local!r}")
+    _require(crops.num_local == 0 or crops.local_size % data.patch_size == 0,
+             f"config.crops.local_size={crops.local_size} must be a multiple of config.data.patch_size="
+             f"{data.patch_size}")
+    _one_of(masking, "pred_shape", ("block", "rand"), "config.masking")
+    _require(len(masking.pred_ratio) == len(masking.pred_ratio_var) > 0,
+             f"config.masking.pred_ratio {list(masking.pred_ratio)} and pred_ratio_var "
+             f"{list(masking.pred_ratio_var)} must be non-empty lists of the same length")
+    for r, v in zip(masking.pred_ratio, masking.pred_ratio_var):
+        _require(0 <= r - v and r + v < 1, f"config.masking: pred_ratio {r} ± pred_ratio_var {v} must stay in [0, 1)")
+    h = config.head
+    _require(h.num_layers >= 2, f"config.head.num_layers={h.num_layers} must be >= 2")
 
 
 def validate_vqkd(config: ConfigDict, standalone: bool) -> None:
@@ -252,7 +301,9 @@ def validate_stage(config: ConfigDict, task: str, parent: Optional[ConfigDict] =
     validate_data(run.data, masking=task in ("pretrain", "demo"))
     validate_batch(run)
     validate_run_settings(config)
-    if task == "pretrain":
+    if task == "ibot":
+        validate_ibot(config)
+    elif task == "pretrain":
         validate_pretrain(config, run.data, standalone=parent is None)
     elif task == "vqkd":
         validate_vqkd(config, standalone=parent is None)
@@ -274,7 +325,7 @@ def validate_config(config: ConfigDict, workdir: Optional[str] = None) -> None:
     if task == "demo":
         check_demo_keys(config)
         validate_run_settings(config)
-        for stage in ("vqkd", "pretrain"):
+        for stage in DEMO_STAGES:
             validate_stage(config[stage], stage, parent=config)
         validate_dataset(config, ("train_split", "eval_split"))
     else:
@@ -282,8 +333,9 @@ def validate_config(config: ConfigDict, workdir: Optional[str] = None) -> None:
         if reference is not None:
             check_keys(config, reference(), optional=OPTIONAL_KEYS.get(task))
         validate_stage(config, task)
-        if "data" in config and task in ("vqkd", "pretrain"):
-            validate_dataset(config, ("train_split", "eval_split") if task == "vqkd" else ("train_split",))
+        if "data" in config and task in ("vqkd", "pretrain", "ibot"):
+            needs_eval = task == "vqkd" or (task == "ibot" and config.get("knn_at_end"))
+            validate_dataset(config, ("train_split", "eval_split") if needs_eval else ("train_split",))
     if workdir:
         check_workdir(config, workdir)
 

@@ -137,6 +137,52 @@ def test_demo_config_keys_and_stages():
     demo = load_config_file("demo")
     demo.pretrain.model.early_layers = 4
     assert "config.model.early_layers=4" in error_of(demo)
+    demo = load_config_file("demo")
+    _unlocked_set(demo, "ibot.crops.num_locals", 3)
+    assert "unknown config key 'config.ibot.crops.num_locals'" in error_of(demo)
+
+
+@pytest.mark.parametrize("path,value,named", [
+    ("tokenizer.kind", "vqgan", "config.tokenizer.kind must be one of ('vqkd', 'dvae')"),
+    ("targets", "soft", "config.targets must be one of ('hard', 'multi_choice')"),
+])
+def test_family_switches_name_the_key(config, path, value, named):
+    _unlocked_set(config, path, value)
+    assert named in error_of(config)
+
+
+def test_dvae_tokenizer_kind_and_grid_are_checked(config, tmp_path):
+    config.tokenizer.kind = "dvae"  # the fixture's directory holds a VQ-KD tokenizer
+    assert "holds a 'vqkd' model, not a 'dvae' tokenizer (config.tokenizer.kind='dvae')" in error_of(config)
+    directory = tmp_path / "dvae"
+    directory.mkdir()
+    (directory / "model.json").write_text(json.dumps({
+        "format": "beitv2_jax.variables", "version": 1, "model_kind": "dvae",
+        "model_config": {"vocab_size": 32, "group_count": 4}}))
+    config.tokenizer.checkpoint = str(directory)
+    config.data.second_input_size = 16  # stride 8: a 2×2 token grid for a 4×4 patch grid
+    assert "config.data.second_input_size=16 gives 4 dVAE tokens (stride 8)" in error_of(config)
+    config.data.second_input_size = 32
+    validate.validate_config(config)
+    config.targets = "multi_choice"
+    config.multi_choice.omega = 1.5
+    assert "config.multi_choice.omega=1.5 must be in [0, 1]" in error_of(config)
+
+
+@pytest.mark.parametrize("path,value,named", [
+    ("masking.pred_shape", "blocks", "config.masking.pred_shape must be one of ('block', 'rand')"),
+    ("masking.pred_ratio_var", [0.0], "must be non-empty lists of the same length"),
+    ("masking.pred_ratio", [0.0, 0.9], "pred_ratio 0.9 ± pred_ratio_var 0.2 must stay in [0, 1)"),
+    ("crops.local_size", 10, "config.crops.local_size=10 must be a multiple of config.data.patch_size=4"),
+    ("head.num_layers", 1, "config.head.num_layers=1 must be >= 2"),
+    ("head.out_dm", 64, "unknown config key 'config.head.out_dm'"),
+])
+def test_ibot_config_errors_name_the_key(path, value, named, demo_data_dir):
+    c = load_config_file("ibot_tiny")
+    c.data.data_dir = demo_data_dir
+    validate.validate_config(c)
+    _unlocked_set(c, path, value)
+    assert named in error_of(c)
 
 
 def test_workdir_with_another_config_is_refused_unless_allowed(config, tmp_path):

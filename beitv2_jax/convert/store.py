@@ -33,6 +33,11 @@ def _plain_tree(variables: Mapping[str, Any]) -> dict:
     return jax.tree.map(np.asarray, nn.meta.unbox(dict(variables)))
 
 
+# Kinds stored in this format that the PyTorch layouts of ``model_shapes`` do not cover (``dvae``: the DALL-E
+# encoder of ``models/dvae.py``, converted by ``convert/family.py``).
+EXTRA_KINDS = ("dvae",)
+
+
 def save_variables(directory: str, variables: Mapping[str, Any], model_kind: str, model_config: Mapping[str, Any],
                    *, info: Optional[Mapping[str, Any]] = None, overwrite: bool = True) -> str:
     """Write ``variables`` (``{'params': ..., ['codebook': ...]}``) and the model description to ``directory``.
@@ -44,8 +49,9 @@ def save_variables(directory: str, variables: Mapping[str, Any], model_kind: str
 
     from beitv2_jax.convert.model_shapes import MODEL_KINDS
 
-    if model_kind not in MODEL_KINDS:
-        raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {model_kind!r}")
+    kinds = MODEL_KINDS + EXTRA_KINDS
+    if model_kind not in kinds:
+        raise ValueError(f"model_kind must be one of {kinds}, got {model_kind!r}")
     if "params" not in variables:
         raise ValueError(f"variables need a 'params' collection, got {sorted(variables)}")
     directory = os.path.abspath(directory)

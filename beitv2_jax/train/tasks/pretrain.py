@@ -1,8 +1,10 @@
-"""Task ``pretrain``: BEiT v2 masked image modeling against a frozen VQ-KD tokenizer.
+"""Task ``pretrain``: masked image modeling against a frozen tokenizer (BEiT v2, BEiT v1, mc-BEiT).
 
 Per step: labels = tokenizer codes of the tokenizer view (inside the jitted step); the backbone sees the
 ImageNet-normalised view with the block-wise mask; loss = CE(final layer) + CE(patch-aggregation branch) over
-the ``num_masked_patches`` masked positions. The pretrained model is written to ``<workdir>/model``.
+the ``num_masked_patches`` masked positions. ``config.tokenizer.kind`` picks the tokenizer (``vqkd``: BEiT v2,
+``dvae``: the DALL-E encoder of BEiT v1) and ``config.targets`` the targets (``hard`` code ids, or mc-BEiT's
+``multi_choice`` soft targets, see ``train/targets.py``). The pretrained model is written to ``<workdir>/model``.
 """
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ from beitv2_jax.models import beit as beit_lib
 from beitv2_jax.train import checkpoint as ckpt_lib
 from beitv2_jax.train import loop, optim, sharding
 from beitv2_jax.train import state as state_lib
+from beitv2_jax.train import targets as targets_lib
 from beitv2_jax.train.metrics import MetricsWriter
 from beitv2_jax.train.tasks import common
-from beitv2_jax.train.tasks.vqkd import load_tokenizer
 
 BACKBONE_KEYS = ("patch_size", "width", "depth", "num_heads", "mlp_ratio", "layer_scale_init", "drop_path_rate",
                  "init_std", "init_truncation", "attention_impl", "remat_policy")
@@ -56,23 +58,20 @@ def mim_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array
     return loss, acc
 
 
-def make_train_step(model: beit_lib.BEiTPretrainModel, tokenizer, tx, schedule):
-    def loss_fn(params, batch, labels, rng):
+def make_train_step(model: beit_lib.BEiTPretrainModel, tokenizer, tx, schedule,
+                    settings: targets_lib.TargetSettings = targets_lib.TargetSettings()):
+    """``tokenizer``: a ``targets.FrozenTokenizer`` or a bare VQ-KD / dVAE module; ``settings``: hard or mc-BEiT
+    targets."""
+    tokenizer = targets_lib.as_frozen(tokenizer)
+
+    def loss_fn(params, batch, tokens, rng):
         out = model.apply({"params": params}, batch["image"], batch["mask"], train=True, rngs={"dropout": rng})
-        masked_labels = beit_lib.gather_tokens(labels, out["positions"])
-        loss_1, acc_1 = mim_loss(out["logits_1"], masked_labels)
-        metrics = {"loss_1": loss_1, "mlm_acc_1": acc_1}
-        loss = loss_1
-        if "logits_2" in out:
-            loss_2, acc_2 = mim_loss(out["logits_2"], masked_labels)
-            metrics.update(loss_2=loss_2, mlm_acc_2=acc_2)
-            loss = loss + loss_2
-        return loss, metrics
+        return targets_lib.labels_and_loss(out, tokens, settings)
 
     def train_step(state: state_lib.TrainState, batch: dict, tokenizer_variables):
-        labels = tokenizer.apply(tokenizer_variables, batch["tokenizer_image"], method="get_codebook_indices")
+        tokens = tokenizer.outputs(tokenizer_variables, batch["tokenizer_image"], settings.soft)
         rng = state_lib.step_rng(state, "dropout")
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, labels, rng)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tokens, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & optim.is_finite_tree(grads)
@@ -91,12 +90,14 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     common.log_header("pretrain", config, workdir)
     common.prepare_workdir(config, workdir)
     mesh = sharding.make_mesh(config.get("mesh"))
-    tokenizer, tokenizer_variables = load_tokenizer(config.tokenizer.checkpoint)
+    tokenizer, tokenizer_variables = targets_lib.load_tokenizer(config)
     if tokenizer.num_codes != config.model.vocab_size:
         raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer has "
                          f"{tokenizer.num_codes} codes")
+    settings = targets_lib.settings_from_config(config)
     cfg = model_config(config)
     model = build_model(cfg)
+    targets_lib.check_tokenizer_grid(tokenizer, config.data.second_input_size, model.backbone.num_patches)
 
     steps_per_epoch = common.steps_per_epoch(config)
     total_steps = steps_per_epoch * config.num_epochs
@@ -114,7 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     iterator = pipeline.make_pretrain_iterator(config.data, config.batch_size, seed=config.seed)
     manager = ckpt_lib.make_manager(workdir, config.get("keep_checkpoints", 3))
     state = loop.resume(manager, state, iterator)
-    step_fn = common.jit_train_step(make_train_step(model, tokenizer, tx, schedule), state_sh, mesh)
+    step_fn = common.jit_train_step(make_train_step(model, tokenizer, tx, schedule, settings), state_sh, mesh)
     train_step = functools.partial(_with_tokenizer, step_fn, tokenizer_variables)
     state = loop.run(workdir=workdir, state=state, train_step=train_step, iterator=iterator, mesh=mesh,
                      total_steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
