@@ -301,8 +301,10 @@ class PretrainTransform(grain.transforms.RandomMap):
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         box = random_resized_crop_box(image.height, image.width, rng, scale=(self.min_crop_scale, 1.0))
         view = to_unit_float(resized_crop(image, box, self.input_size, self.interpolation))
-        second = to_unit_float(resized_crop(image, box, self.second_input_size,
-                                            self.second_interpolation))
+        if (self.second_input_size, self.second_interpolation) == (self.input_size, self.interpolation):
+            second = view  # the same resize of the same box (BEiT v2 ViT-B/16: both 224 bicubic): done once
+        else:
+            second = to_unit_float(resized_crop(image, box, self.second_input_size, self.second_interpolation))
         return {
             'image': normalize(view, self.mean, self.std),
             'tokenizer_image': second,
