@@ -96,7 +96,7 @@ def frozen_arch(config: ml_collections.ConfigDict, root: Optional[ml_collections
                           (("num_codes", m.vocab_size), ("code_dim", code_dim)))
     kind = config.teacher.kind
     if root is not None and root.get("task") == "demo":
-        t = root.teacher_model
+        t = root.ibot.model  # the demo's VQ-KD teacher is the iBOT stage's ViT
         return FrozenArch("vit", width or t.width, depth or t.depth, num_heads or t.num_heads, m.patch_size,
                           config.data.input_size)
     kind = {"clip": "clip", "dino": "dino"}.get(kind, "vit")

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from beitv2_jax import recipes
 from beitv2_jax.models import beit, vit
 from beitv2_jax.train import optim
 from beitv2_jax.train.tasks import pretrain
@@ -158,10 +159,7 @@ def tiny_tokenizer(demo_data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     cfg = tiny_stage("vqkd", demo_data_dir, steps=15, width=32, depth=1, num_heads=2, decoder_depth=1,
                      num_codes=64)
-    teacher_cfg = load_config_file("demo")
-    with teacher_cfg.unlocked():
-        teacher_cfg.data.input_size = 16
-    demo.make_teacher(teacher_cfg, str(root / "teacher"))
+    demo.save_random_vit(str(root / "teacher"), image_size=16, patch_size=4, width=64, depth=2, num_heads=4, seed=1)
     with cfg.unlocked():
         cfg.teacher.checkpoint = str(root / "teacher")
         cfg.eval_every_epochs = 2
@@ -202,3 +200,39 @@ def test_pretrain_loss_falls_and_resume_continues(tiny_tokenizer, demo_data_dir,
     assert int(resumed.step) == 40
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_demo_chains_ibot_vqkd_pretrain_and_evaluation(demo_data_dir, tmp_path, capsys):
+    """The README run line's stages at toy size: the iBOT teacher feeds VQ-KD, whose tokenizer feeds BEiT v2; the
+    summary has every row; a second run skips the finished stages."""
+    from beitv2_jax.train.tasks import demo
+
+    c = load_config_file("demo")
+    c.data.update(data_dir=demo_data_dir, input_size=16, second_input_size=16, num_masked_patches=6,
+                  min_mask_patches_per_block=2)
+    for name, model in (("ibot", dict(width=32, depth=1, num_heads=2)),
+                        ("vqkd", dict(width=32, depth=1, num_heads=2, decoder_depth=1, num_codes=32)),
+                        ("pretrain", dict(width=32, depth=2, num_heads=2, early_layers=1, vocab_size=32))):
+        stage = c[name]
+        stage.batch_size, stage.steps_per_epoch, stage.num_epochs, stage.log_every_steps = 32, 3, 1, 3
+        stage.model.update(model)
+    c.ibot.crops.update(num_local=1, local_size=8)
+    c.ibot.head.update(out_dim=32, patch_out_dim=32, hidden_dim=32, bottleneck_dim=16)
+    c.vqkd.eval_every_epochs = 1
+    with c.unlocked():
+        c.eval.linear_probe = recipes.demo_linear_probe()
+        c.eval.linear_probe.epochs = 2
+
+    results = demo.run(c, str(tmp_path))
+    assert (tmp_path / "ibot" / "teacher" / "model.json").exists()
+    assert json.load(open(tmp_path / "vqkd" / "config.json"))["teacher"]["checkpoint"] == str(
+        tmp_path / "ibot" / "teacher")
+    expected = {"iBOT teacher (cls)", "iBOT ViT, random init (cls)", "BEiT v2 encoder (cls)", "BEiT v2 encoder (mean)",
+                "same encoder, random init (cls)", "same encoder, random init (mean)"}
+    assert set(results["knn"]) == expected
+    for row in results["knn"].values():
+        assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_top1"] <= 100
+    summary = capsys.readouterr().out
+    assert "iBOT teacher, cls" in summary and "iBOT: loss" in summary
+    again = demo.run(c, str(tmp_path))  # finished stages are skipped
+    assert again["stage_seconds"]["ibot"] < 1.0 and again["stage_seconds"]["pretrain"] < 1.0

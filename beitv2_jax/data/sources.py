@@ -90,7 +90,7 @@ def _demo_params(split_seed: int, index: int, label: int) -> dict[str, Any]:
     """Per-example random parameters, seeded by (split, index) only."""
     rng = np.random.default_rng([_DEMO_SEED, split_seed, index])
     size = DEMO_IMAGE_SIZE
-    radius = rng.uniform(0.16, 0.36) * size
+    radius = rng.uniform(0.25, 0.42) * size
     margin = 0.75 * radius
     centre = rng.uniform(margin, size - margin, size=2)
     if DEMO_CLASSES[label] in ('square', 'diamond'):
@@ -99,10 +99,12 @@ def _demo_params(split_seed: int, index: int, label: int) -> dict[str, Any]:
         angle = 0.0
     else:
         angle = rng.uniform(0, 2 * np.pi)
-    while True:  # foreground/background with a visible luma difference
-        fg, bg = rng.uniform(0, 255, size=(2, 3))
-        if abs(fg @ [0.299, 0.587, 0.114] - bg @ [0.299, 0.587, 0.114]) > 50:
-            break
+    # Light on dark or dark on light, with a faint random tint: the shape, not a per-image colour pair, is what
+    # tells images apart (v1's fully random colours let self-distillation match views by colour alone).
+    fg = rng.uniform(170, 255) + rng.uniform(-15, 15, size=3)
+    bg = rng.uniform(0, 85) + rng.uniform(-15, 15, size=3)
+    if rng.random() < 0.5:
+        fg, bg = bg, fg
     return dict(
         radius=radius, centre=centre, angle=angle, fg=fg, bg=bg,
         period=rng.uniform(3.0, 5.0),  # stripe / checker cell width in pixels
@@ -182,8 +184,9 @@ class Beitv2Demo(_LocalBuilder, skip_registration=True):
     """Procedural shapes/textures: 10 classes, 64x64 RGB, 5,000 train + 1,000 test (no download)."""
 
     name = DEMO_NAME
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+    VERSION = tfds.core.Version('2.0.0')
+    RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                     '2.0.0': 'Larger shapes (radius 0.25-0.42 of the image), light-on-dark / dark-on-light.'}
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = DEMO_IMAGE_SIZE
@@ -270,8 +273,9 @@ class Beitv2ImageFolder(_LocalBuilder, skip_registration=True):
     """Images from a folder of class sub-folders; ``image`` holds the encoded file bytes."""
 
     name = IMAGE_FOLDER_NAME
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+    VERSION = tfds.core.Version('2.0.0')
+    RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                     '2.0.0': 'Larger shapes (radius 0.25-0.42 of the image), light-on-dark / dark-on-light.'}
 
     def __init__(self, *, src_dir: str, **kwargs):
         self._src_dir = os.path.expanduser(src_dir)

@@ -1,4 +1,10 @@
-"""Task ``demo``: teacher → VQ-KD tokenizer → BEiT v2 pretraining → k-NN evaluation, each in a sub-folder.
+"""Task ``demo``: iBOT teacher → VQ-KD tokenizer → BEiT v2 pretraining → evaluation, each in a sub-folder.
+
+1. ``ibot/``: a short iBOT run; its EMA teacher backbone (``ibot/teacher``) is the VQ-KD teacher ("any ViT
+   checkpoint of ours");
+2. ``vqkd/``: the tokenizer distilling it (``vqkd/tokenizer``);
+3. ``pretrain/``: BEiT v2 pretraining against that tokenizer (``pretrain/model``);
+4. k-NN and linear probe of the iBOT teacher, the BEiT v2 encoder and both architectures at random initialisation.
 
 A finished stage (its exported model exists) is skipped, an interrupted one resumes from its checkpoint, so
 re-running the command continues the demo. Ends with a summary table (also ``summary.json``) and PNGs.
@@ -20,28 +26,22 @@ from beitv2_jax.data import pipeline
 from beitv2_jax.models import teachers as teachers_lib
 from beitv2_jax.models import vit
 from beitv2_jax.train import sharding
-from beitv2_jax.train.tasks import common, knn, pretrain, vqkd
-
-TEACHER_NAME = "random-init ViT (fixed feature extractor)"
+from beitv2_jax.train.tasks import common, ibot, knn, pretrain, vqkd
 
 
-def teacher_vit(config) -> vit.VisionTransformer:
-    t = config.teacher_model
-    return vit.VisionTransformer(image_size=config.data.input_size, patch_size=t.patch_size, width=t.width,
-                                 depth=t.depth, num_heads=t.num_heads, qkv_bias="full", use_abs_pos=True,
-                                 use_final_norm=True, pooling="cls")
-
-
-def make_teacher(config, directory: str) -> None:
-    """Stage 1: save a random-init ViT as one of our checkpoints (kind ``vit``)."""
+def save_random_vit(directory: str, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
+                    seed: int = 0) -> None:
+    """A random-init ViT (iBOT's architecture) saved as one of our checkpoints (kind ``vit``): a cheap stand-in
+    teacher for tests of the VQ-KD stage."""
     from beitv2_jax.convert import store
 
-    model = teacher_vit(config)
-    size = config.data.input_size
-    params = model.init(jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, size, size, 3)))["params"]
+    model = vit.VisionTransformer(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
+                                  num_heads=num_heads, qkv_bias="full", use_abs_pos=True, use_final_norm=True,
+                                  pooling="cls")
+    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
     fields = {f: getattr(model, f) for f in ("image_size", "patch_size", "width", "depth", "num_heads", "qkv_bias",
                                              "use_abs_pos", "use_final_norm", "pooling")}
-    store.save_variables(directory, {"params": jax.device_get(params)}, "vit", fields)
+    store.save_variables(directory, {"params": jax.device_get(flax.linen.meta.unbox(params))}, "vit", fields)
 
 
 def stage_config(stage: ml_collections.ConfigDict, config: ml_collections.ConfigDict, **overrides):
@@ -74,7 +74,7 @@ def beit_features(model_cfg: dict, params, pooling: str):
 def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_dir: str, mesh) -> dict:
     from beitv2_jax import recipes
     from beitv2_jax.convert import store
-    from beitv2_jax.train.tasks import linear_probe
+    from beitv2_jax.train.tasks import finetune, linear_probe
 
     data = config.data
     batch = config.batch_size
@@ -92,8 +92,13 @@ def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_d
         probe_result = linear_probe.train_on_features(*tr, *te, num_classes, probe_settings)
         results[name].update(linear_top1=probe_result["top1"], linear_top5=probe_result["top5"])
 
-    teacher, teacher_params = teachers_lib.teacher_from_checkpoint("vit_checkpoint", teacher_dir)
-    knn_of(f"teacher: {TEACHER_NAME}", lambda x: teacher.features(teacher_params, x).mean(1))
+    teacher = finetune.load_pretrained(teacher_dir)
+    teacher_encoder = linear_probe.encoder_model(teacher)
+    teacher_features = linear_probe.feature_fn(teacher_encoder, "cls")
+    knn_of("iBOT teacher (cls)", lambda x: teacher_features(teacher.params, x))
+    ibot_init = ibot.build_model(stage_config(config.ibot, config)).init(jax.random.PRNGKey(config.seed + 5))
+    random_teacher = {k: v for k, v in ibot_init["backbone"].items() if k != "mask_token"}  # official iBOT init
+    knn_of("iBOT ViT, random init (cls)", lambda x: teacher_features(random_teacher, x))
 
     variables, _, model_cfg = store.load_variables(model_dir)
     for pooling in ("cls", "mean"):
@@ -140,6 +145,11 @@ def print_summary(results: dict, stage_times: dict, workdir: str) -> str:
     lines = ["", "=" * 72, "beitv2_jax demo summary", "=" * 72]
     for stage, seconds in stage_times.items():
         lines.append(f"  stage {stage:<10} {seconds:8.1f} s")
+    nan = float("nan")
+    b = results.get("ibot", {})
+    if b:
+        lines.append(f"  iBOT: loss {b.get('first_loss', nan):.3f} -> {b.get('loss', nan):.3f} (cls {b.get('cls', nan):.3f}, "
+                     f"patch {b.get('patch', nan):.3f})")
     v = results.get("vqkd", {})
     if v:
         lines.append(f"  VQ-KD: rec_loss {v.get('first_rec_loss', float('nan')):.4f} -> {v.get('rec_loss', float('nan')):.4f}"
@@ -154,14 +164,14 @@ def print_summary(results: dict, stage_times: dict, workdir: str) -> str:
     for name, r in evals.items():
         lines.append(f"  {name:<48} {r['knn_top1']:7.2f} {r['knn_top5']:7.2f} "
                      f"{r.get('linear_top1', float('nan')):9.2f}")
-    pairs = [(pool, evals.get(f"BEiT v2 encoder ({pool})"), evals.get(f"same encoder, random init ({pool})"))
-             for pool in ("cls", "mean")]
-    pairs = [(pool, pre, rnd) for pool, pre, rnd in pairs if pre and rnd]
+    pairs = [("iBOT teacher, cls", evals.get("iBOT teacher (cls)"), evals.get("iBOT ViT, random init (cls)"))]
+    pairs += [(f"BEiT v2 encoder, {pool}" + (" (paper: cls with patch aggregation)" if pool == "cls" else ""),
+               evals.get(f"BEiT v2 encoder ({pool})"), evals.get(f"same encoder, random init ({pool})"))
+              for pool in ("cls", "mean")]
+    pairs = [(label, pre, rnd) for label, pre, rnd in pairs if pre and rnd]
     if pairs:
-        lines.append(f"  {'pretrained vs random init (same encoder)':<48} {'linear@1':>17} {'k-NN@1':>17}")
-        for pooling, pre, rnd in pairs:
-            label = f"{pooling} features" + (" (paper: cls with patch aggregation)" if pooling == "cls" else "")
-            nan = float("nan")
+        lines.append(f"  {'trained vs random init (same architecture)':<48} {'linear@1':>17} {'k-NN@1':>17}")
+        for label, pre, rnd in pairs:
             lines.append(f"  {label:<48} {pre.get('linear_top1', nan):7.2f} vs {rnd.get('linear_top1', nan):6.2f} "
                          f"{pre['knn_top1']:7.2f} vs {rnd['knn_top1']:6.2f}")
     t = results.get("tokenizer", {})
@@ -186,7 +196,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     common.prepare_workdir(config, workdir)
     mesh = sharding.make_mesh(config.get("mesh"))
     times = {}
-    teacher_dir = os.path.join(workdir, "teacher")
+    ibot_dir = os.path.join(workdir, "ibot")
+    teacher_dir = os.path.join(ibot_dir, ibot.TEACHER_DIR)
     vqkd_dir = os.path.join(workdir, "vqkd")
     tokenizer_dir = os.path.join(vqkd_dir, "tokenizer")
     pretrain_dir = os.path.join(workdir, "pretrain")
@@ -194,8 +205,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
     start = time.perf_counter()
     if not os.path.exists(teacher_dir):
-        make_teacher(config, teacher_dir)
-    times["teacher"] = time.perf_counter() - start
+        ibot.run(stage_config(config.ibot, config), ibot_dir)
+    times["ibot"] = time.perf_counter() - start
 
     start = time.perf_counter()
     if not os.path.exists(tokenizer_dir):
@@ -211,6 +222,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     results = {"knn": evaluate(config, workdir, teacher_dir, tokenizer_dir, model_dir, mesh)}
     results["tokenizer"] = results["knn"].pop("tokenizer")
     times["eval"] = time.perf_counter() - start
+    results["ibot"] = {**final_metrics(ibot_dir), **_first_and_last(ibot_dir, "loss")}
     results["vqkd"] = {**final_metrics(vqkd_dir), **_first_and_last(vqkd_dir, "rec_loss")}
     results["pretrain"] = {**final_metrics(pretrain_dir), **_first_and_last(pretrain_dir, "loss")}
     results["stage_seconds"] = times
