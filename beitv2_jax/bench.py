@@ -545,6 +545,10 @@ def torch_problem() -> Optional[str]:
     layers take the position bias as ``attention_mask`` and live in ``BeitModel.layers``)."""
     try:
         import torch  # noqa: F401
+
+        from beitv2_jax.torch_compat import import_torchvision_on_cpu_torch
+
+        import_torchvision_on_cpu_torch()  # transformers imports torchvision when it is installed
         import transformers
     except ImportError as e:
         return f"torch/transformers not installed ({e})"

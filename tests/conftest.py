@@ -9,42 +9,14 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 
-def _import_torchvision_on_cpu_torch() -> None:
-    """timm (a test reference) imports torchvision, but the only torchvision wheels offline are CUDA builds whose
-    compiled ops cannot load next to the CPU torch pinned in requirements-dev.txt; importing it then fails while
-    registering fake kernels for those missing ops. We need only its pure-Python parts (transforms, ``FrozenBatchNorm2d``),
-    so skip the registrations of ``torchvision::*`` ops that do not exist. No-op when torchvision imports cleanly."""
-    try:
-        import torchvision  # noqa: F401
-        return
-    except ImportError:
-        return
-    except RuntimeError:
-        pass
-    import torch.library
-
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    original = torch.library.register_fake
-
-    def register_fake(op, *args, **kwargs):
-        if isinstance(op, str) and op.startswith("torchvision::"):
-            return (lambda fn: fn) if not args else args[0]
-        return original(op, *args, **kwargs)
-
-    torch.library.register_fake = register_fake
-    try:
-        import torchvision  # noqa: F401,F811
-    finally:
-        torch.library.register_fake = original
-
-
 try:
     import torch  # noqa: F401  (dev requirement; absent in a runtime-only install)
 except ImportError:
     pass
 else:
-    _import_torchvision_on_cpu_torch()
+    from beitv2_jax.torch_compat import import_torchvision_on_cpu_torch
+
+    import_torchvision_on_cpu_torch()
 
 
 @pytest.fixture(scope="session")
