@@ -25,14 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from beitv2_jax.models import vit
+from beitv2_jax.models.quantizer import l2_normalize
 
 HEAD_FIELDS = ("out_dim", "patch_out_dim", "hidden_dim", "bottleneck_dim", "num_layers", "shared_head")
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """``F.normalize(x, dim=-1)``: ``x / max(‖x‖, eps)`` in float32."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def weight_norm_kernel(weight_g: jax.Array, weight_v: jax.Array) -> jax.Array:

@@ -26,6 +26,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from beitv2_jax.models import quantizer
+from beitv2_jax.models.beit import gather_tokens
+
 TARGETS = ("hard", "multi_choice")
 TOKENIZER_KINDS = ("vqkd", "dvae")
 
@@ -37,8 +40,7 @@ def multi_choice_targets(tokenizer_logits: jax.Array, features: jax.Array, omega
     """mc-BEiT soft targets ``[B, N, V]`` (rows sum to 1) from tokenizer logits ``[B, N, V]`` and the online model's
     patch features ``[B, N, D]`` (all positions, masked ones included)."""
     p = jax.nn.softmax(jax.lax.stop_gradient(tokenizer_logits.astype(jnp.float32)) / tokenizer_temperature, -1)
-    f = features.astype(jnp.float32)
-    f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+    f = quantizer.l2_normalize(features)
     sim = jnp.einsum("bnd,bmd->bnm", f, f, precision=jax.lax.Precision.HIGHEST) / similarity_temperature
     w = jax.nn.softmax(sim, axis=-1)
     if stop_gradient_similarity:
@@ -59,11 +61,6 @@ def hard_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return (jnp.argmax(logits, -1) == labels).astype(jnp.float32).mean()
-
-
-def gather_tokens(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """``x [B, N, ...]`` at ``positions [B, K]`` → ``[B, K, ...]``."""
-    return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -128,8 +125,6 @@ def _vqkd_logits(module, images: jax.Array, codebook: jax.Array) -> jax.Array:
     """VQ-KD code logits ``−(1 − cos(z, e_k))`` ``[B, N, K]`` for the codebook ``[K, d]``: half the negative squared
     distance of the unit vectors, computed with the quantizer's own distance function so that the argmax is exactly
     its code id."""
-    from beitv2_jax.models import quantizer
-
     tokens = module.encoder(module.preprocess(images), train=False)["patch_tokens"]
     z = quantizer.l2_normalize(module.encode_task_layer(tokens))
     return -0.5 * quantizer.code_distances(z.reshape(z.shape[0], -1, z.shape[-1]), codebook)

@@ -53,9 +53,7 @@ def build_model(cfg: dict) -> beit_lib.BEiTPretrainModel:
 
 def mim_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean cross-entropy and accuracy of ``logits [B, K, V]`` against ``labels [B, K]``."""
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-    acc = (jnp.argmax(logits, -1) == labels).astype(jnp.float32).mean()
-    return loss, acc
+    return targets_lib.hard_cross_entropy(logits, labels), targets_lib.accuracy(logits, labels)
 
 
 def make_train_step(model: beit_lib.BEiTPretrainModel, tokenizer, tx, schedule,
