@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -105,6 +106,14 @@ def test_two_processes_match_one(tmp_path, demo_data_dir):
     two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
     assert [r["step"] for r in one] == [r["step"] for r in two]
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
+    # The exported model is written once (process 0; the other waits), complete, and equals the 1-process one.
+    from beitv2_jax.convert import store
+
+    exported_one, _, _ = store.load_variables(str(tmp_path / "one" / "model"))
+    exported_two, _, _ = store.load_variables(str(tmp_path / "two" / "model"))
+    for a, b in zip(jax.tree.leaves(exported_one), jax.tree.leaves(exported_two)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    assert not [name for name in os.listdir(tmp_path / "two") if name.startswith(".model.")]
     # Both processes wrote and can restore the shared checkpoint: a second 2-process launch resumes at the end.
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "beitv2_jax.main",

@@ -45,7 +45,7 @@ def save_variables(directory: str, variables: Mapping[str, Any], model_kind: str
     ``info`` is free-form provenance (source file, format, ...). An existing ``directory`` is replaced
     (the new one is complete before the old one is moved aside); ``overwrite=False`` refuses instead.
     """
-    import orbax.checkpoint as ocp
+    import jax
 
     from beitv2_jax.convert.model_shapes import MODEL_KINDS
 
@@ -57,17 +57,38 @@ def save_variables(directory: str, variables: Mapping[str, Any], model_kind: str
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and not overwrite:
         raise FileExistsError(f"{directory} exists (refusing to replace it: overwrite=False)")
+    tree = _plain_tree(variables)
+    if jax.process_count() == 1:
+        return _write_directory(directory, tree, model_kind, model_config, info)
+    # Several processes (multi-host): the arrays are host-local copies on every process; process 0 writes and
+    # the others wait for it, so no two processes race on the same rename.
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        _write_directory(directory, tree, model_kind, model_config, info, single_process_orbax=True)
+    multihost_utils.sync_global_devices(f"beitv2_jax.store.save_variables:{directory}")
+    return directory
+
+
+def _write_directory(directory: str, tree: dict, model_kind: str, model_config: Mapping[str, Any],
+                     info: Optional[Mapping[str, Any]], *, single_process_orbax: bool = False) -> str:
+    import jax
+    import orbax.checkpoint as ocp
+
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{tag}")
-    tree = _plain_tree(variables)
     description = {"format": FORMAT, "version": VERSION, "model_kind": model_kind,
                    "model_config": json.loads(json.dumps(dict(model_config))), "collections": sorted(tree),
                    "info": dict(info or {})}
     try:
         os.makedirs(tmp)
-        with ocp.StandardCheckpointer() as checkpointer:
+        options = ocp.options.MultiprocessingOptions()
+        if single_process_orbax:  # only this process writes: orbax must not wait for the others
+            me = jax.process_index()
+            options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        with ocp.StandardCheckpointer(multiprocessing_options=options) as checkpointer:
             checkpointer.save(os.path.join(tmp, VARIABLES_DIR), tree)
         with open(os.path.join(tmp, MODEL_JSON), "w") as f:
             json.dump(description, f, indent=2, sort_keys=True)
