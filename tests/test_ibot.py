@@ -415,6 +415,9 @@ def test_two_training_steps_match_the_official_pytorch_step():
         temps = settings.teacher_temps[it], settings.teacher_patch_temps[it]
         loss = torch_ibot_loss(torch.cat([s_cls, s_local]), s_patch, t_cls, t_patch, masks, center, center2, *temps,
                                2, 4)
+        t_probs = torch.softmax((t_cls - center) / temps[0], dim=-1).reshape(2, 3, -1)  # the collapse monitors
+        entropy = lambda p: -(p * torch.log(p)).sum(-1).mean()
+        t_entropy, t_batch_entropy = float(entropy(t_probs)), float(entropy(t_probs.mean(1)))
         opt.zero_grad()
         loss.backward()
         for p in list(student.parameters()) + [masked_embed]:  # utils.clip_gradients
@@ -435,6 +438,8 @@ def test_two_training_steps_match_the_official_pytorch_step():
             center2 = center2 * 0.9 + t_patch.mean(1).mean(0, keepdim=True)[None] * 0.1
         if it == 1:
             assert float(metrics["loss"]) == pytest.approx(float(loss.detach()), rel=1e-4)
+            assert float(metrics["teacher_entropy"]) == pytest.approx(t_entropy, rel=1e-4)
+            assert float(metrics["teacher_batch_entropy"]) == pytest.approx(t_batch_entropy, rel=1e-4)
 
     for name, module in (("params", student), ("teacher", teacher)):
         ours = jax.device_get(state.params if name == "params" else state.model_state["teacher"])

@@ -286,7 +286,13 @@ def make_train_step(model: ibot_lib.IBOT, tx, lr_schedule, wd_schedule, momentum
         skipped = state.replace(step=state.step + 1, extra={**state.extra, "bad_steps": bad_steps})
         agreement = jnp.mean((jnp.argmax(teacher_out[0][0], -1) == jnp.argmax(student_cls[1 % student_cls.shape[0]],
                                                                               -1)).astype(jnp.float32))
+        # Collapse monitors: the teacher CLS distribution's mean entropy (→ ln K: collapse to uniform) and the
+        # entropy of its batch mean (→ 0: every image on one prototype), both in nats.
+        t_cls = teacher_probs(teacher_out[0], ms["center"], temps[0])
+        entropy = lambda p: -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-12)), axis=-1)
         metrics = {"loss": loss, "cls": losses.cls, "patch": losses.patch, "acc": agreement,
+                   "teacher_entropy": jnp.mean(entropy(t_cls)),
+                   "teacher_batch_entropy": jnp.mean(entropy(jnp.mean(t_cls, axis=1))),
                    "lr": lr_schedule(state.step), "wd": wd_schedule(state.step), "momentum": momentum,
                    "teacher_temp": temps[0], "masked_ratio": jnp.mean(batch["masks"].astype(jnp.float32)),
                    "grad_norm": optim.global_norm(grads), "nonfinite": 1.0 - finite.astype(jnp.float32)}
