@@ -65,13 +65,14 @@ def save_variables(directory: str, variables: Mapping[str, Any], model_kind: str
     from jax.experimental import multihost_utils
 
     if jax.process_index() == 0:
-        _write_directory(directory, tree, model_kind, model_config, info, single_process_orbax=True)
+        _write_directory(directory, tree, model_kind, model_config, info)
     multihost_utils.sync_global_devices(f"beitv2_jax.store.save_variables:{directory}")
     return directory
 
 
 def _write_directory(directory: str, tree: dict, model_kind: str, model_config: Mapping[str, Any],
-                     info: Optional[Mapping[str, Any]], *, single_process_orbax: bool = False) -> str:
+                     info: Optional[Mapping[str, Any]]) -> str:
+    """Write this process's copy of ``tree`` and the description (atomic rename; only this process takes part)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -84,10 +85,8 @@ def _write_directory(directory: str, tree: dict, model_kind: str, model_config: 
                    "info": dict(info or {})}
     try:
         os.makedirs(tmp)
-        options = ocp.options.MultiprocessingOptions()
-        if single_process_orbax:  # only this process writes: orbax must not wait for the others
-            me = jax.process_index()
-            options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        me = jax.process_index()  # orbax must not wait for processes that do not write
+        options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
         with ocp.StandardCheckpointer(multiprocessing_options=options) as checkpointer:
             checkpointer.save(os.path.join(tmp, VARIABLES_DIR), tree)
         with open(os.path.join(tmp, MODEL_JSON), "w") as f:

@@ -273,9 +273,8 @@ class Beitv2ImageFolder(_LocalBuilder, skip_registration=True):
     """Images from a folder of class sub-folders; ``image`` holds the encoded file bytes."""
 
     name = IMAGE_FOLDER_NAME
-    VERSION = tfds.core.Version('2.0.0')
-    RELEASE_NOTES = {'1.0.0': 'Initial release.',
-                     '2.0.0': 'Larger shapes (radius 0.25-0.42 of the image), light-on-dark / dark-on-light.'}
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
     def __init__(self, *, src_dir: str, **kwargs):
         self._src_dir = os.path.expanduser(src_dir)
