@@ -1084,6 +1084,7 @@ def _define_flags():
                          "torch's thread pools both use N threads (0 = all; use 1 on a shared machine).")
     flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per chip for MFU (0 = from the device table).")
     flags.DEFINE_bool("input_pipeline", True, "Also time the grain input pipeline alone.")
+    flags.DEFINE_bool("pipeline_only", False, "Only time the input pipeline (no model is built or compiled).")
     flags.DEFINE_integer("pipeline_batches", 8, "Batches timed for the input pipeline.")
     flags.DEFINE_integer("pipeline_workers", -1, "grain worker processes for the pipeline timing (-1 = config).")
     flags.DEFINE_integer("frozen_width", 0, "Tokenizer/teacher width (0 = official ViT-B/16 or the demo's).")
@@ -1109,16 +1110,25 @@ def main(argv):
     if FLAGS.compare == "torch":
         # JAX would otherwise take 75% of GPU memory up front and leave PyTorch too little (read at backend start).
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    result = run_bench(FLAGS.config, stage=FLAGS.stage, batch_size=FLAGS.batch, steps=FLAGS.steps,
-                       warmup=FLAGS.warmup, repeats=FLAGS.repeats, compare_torch=FLAGS.compare == "torch",
-                       torch_compile=FLAGS.torch_compile, torch_threads=FLAGS.torch_threads or FLAGS.cpu_threads,
-                       peak=FLAGS.peak_tflops,
-                       input_pipeline=FLAGS.input_pipeline, pipeline_batches=FLAGS.pipeline_batches,
-                       pipeline_workers=None if FLAGS.pipeline_workers < 0 else FLAGS.pipeline_workers,
-                       frozen_width=FLAGS.frozen_width, frozen_depth=FLAGS.frozen_depth,
-                       frozen_heads=FLAGS.frozen_heads, frozen_dtype=FLAGS.frozen_dtype, precision=FLAGS.precision,
-                       trace_only=FLAGS.trace_only)
-    print(format_report(result))
+    if FLAGS.pipeline_only:
+        config = stage_config(FLAGS.config, FLAGS.stage)
+        result = bench_input_pipeline(config, FLAGS.batch or config.batch_size, FLAGS.pipeline_batches,
+                                      None if FLAGS.pipeline_workers < 0 else FLAGS.pipeline_workers)
+        result.update(task=config.task, batch_size=FLAGS.batch or config.batch_size)
+        print(f"input pipeline alone ({result['task']}, batch {result['batch_size']}): {result['img_per_s']:.1f} "
+              f"img/s ({result['source']}, {result['num_workers']} workers, {result['read_threads']} threads, "
+              f"{result['batches']} batches; first batch {result['first_batch_s']:.1f} s)")
+    else:
+        result = run_bench(FLAGS.config, stage=FLAGS.stage, batch_size=FLAGS.batch, steps=FLAGS.steps,
+                           warmup=FLAGS.warmup, repeats=FLAGS.repeats, compare_torch=FLAGS.compare == "torch",
+                           torch_compile=FLAGS.torch_compile, torch_threads=FLAGS.torch_threads or FLAGS.cpu_threads,
+                           peak=FLAGS.peak_tflops,
+                           input_pipeline=FLAGS.input_pipeline, pipeline_batches=FLAGS.pipeline_batches,
+                           pipeline_workers=None if FLAGS.pipeline_workers < 0 else FLAGS.pipeline_workers,
+                           frozen_width=FLAGS.frozen_width, frozen_depth=FLAGS.frozen_depth,
+                           frozen_heads=FLAGS.frozen_heads, frozen_dtype=FLAGS.frozen_dtype, precision=FLAGS.precision,
+                           trace_only=FLAGS.trace_only)
+        print(format_report(result))
     if FLAGS.json:
         import json
 

@@ -72,6 +72,19 @@ def test_bench_cli_trace_only_with_stage_and_overrides(tmp_path):
     assert r["precision"]["matmul_flops"] / 4 == pytest.approx(r["flops_per_image_analytic"], rel=1e-6)
 
 
+def test_bench_cli_pipeline_only_with_spawned_workers(tmp_path, demo_data_dir):
+    """``--pipeline_only`` times the demo's grain pipeline with 2 spawned worker processes, builds no model."""
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, "-m", "beitv2_jax.bench", "--config", "configs/demo.py", "--stage", "pretrain",
+           f"--config.data.data_dir={demo_data_dir}", "--pipeline_only", "--batch=16", "--pipeline_batches=3",
+           "--pipeline_workers=2", f"--json={out}"]
+    p = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "input pipeline alone (pretrain, batch 16):" in p.stdout and "FLOPs" not in p.stdout
+    r = json.loads(out.read_text())
+    assert r["source"] == "beitv2_demo" and r["num_workers"] == 2 and r["batches"] == 3 and r["img_per_s"] > 0
+
+
 # ----------------------------------------------------------------------------------------------- FLOP counts
 @pytest.mark.parametrize("name", ["beitv2_base_pt1k_300e", "vqkd_base_clip", "beitv2_large_pt1k_1600e"])
 def test_analytic_flops_match_traced_matmuls_at_full_size(name):

@@ -211,8 +211,18 @@ class Attention(nn.Module):
             att_bias = None
             if bias is not None:
                 att_bias = bias[None].astype(jnp.float32 if self.attention_impl == "xla" else self.dtype)
+            tokens = q.shape[1]
+            pad = self.attention_impl == "cudnn" and att_bias is not None and tokens % 2
+            if pad:
+                # cuDNN trains with a bias only at an even sequence length (197 = 14² + CLS is odd): one zero
+                # token more, which no query attends to (bias −1e9 in its key column) and whose row is dropped.
+                q, k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (q, k, v))
+                att_bias = jnp.pad(att_bias, ((0, 0), (0, 0), (0, 1), (0, 0)))
+                att_bias = jnp.pad(att_bias, ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=-1e9)
             out = jax.nn.dot_product_attention(q, k, v, bias=att_bias, scale=scale,
                                                implementation=self.attention_impl)
+            if pad:
+                out = out[:, :tokens]
         else:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
