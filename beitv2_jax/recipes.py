@@ -207,6 +207,7 @@ def ibot(size: str = "small") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({
         "patch_size": 16, "width": 384 if small else 768, "depth": 12, "num_heads": 6 if small else 12,
         "mlp_ratio": 4.0, "drop_path_rate": 0.1, "attention_impl": "einsum", "remat_policy": "none",
+        "zero_init_cls": False,  # official: class token and position embedding trunc_normal(0.02)
     })
     c.head = ml_collections.ConfigDict({
         "out_dim": 8192, "patch_out_dim": 8192, "hidden_dim": 2048, "bottleneck_dim": 256, "num_layers": 3,
@@ -247,11 +248,16 @@ def ibot(size: str = "small") -> ml_collections.ConfigDict:
 
 def ibot_demo() -> ml_collections.ConfigDict:
     """iBOT sized for the demo on 2 CPU cores: a 64-wide, 2-block ViT on 32-px global / 16-px local crops (4-px
-    patches), a 256-way head (hidden 128, bottleneck 64), 3 epochs (~120 steps) with a 1-epoch warm-up.
-    Optimisation as the official recipe (lr 5e-4 · batch/256, last layer frozen for the first epoch, temperatures
-    and augmentations unchanged) except the teacher momentum (0.99 → 1: the run is short). At this budget the
-    teacher's k-NN accuracy stays at its random-init level; higher lr (≥ 1e-3) or lower momentum (≤ 0.98) make
-    the CLS outputs collapse to uniform within ~50 steps (see the issue #10 note)."""
+    patches), a 256-way head (hidden 128, bottleneck 64), 6 epochs (234 steps) with a 1-epoch warm-up.
+
+    Three departures from the official recipe, each needed at this size (issue #10 note, README):
+    * ``model.zero_init_cls``: the class token and its position embedding start at zero. With the official
+      trunc_normal(0.02) start, a 2-block ViT's class token is mostly a constant shared by all images (mean pairwise
+      cosine 0.82 on the demo test split) and the CLS distillation has almost nothing image-specific to work with;
+    * teacher momentum 0.9 (→ 1, cosine): with 0.99 over 234 steps the teacher would still be ~30 % its random init;
+    * lr 1e-3 · batch/256 and an unnormalised last layer (``norm_last_layer=False``, the official ViT-S setting).
+    Measured (teacher CLS k-NN on the test split, k=20): 45.7 / 43.5 for seeds 0 / 1, against 31.7–34.7 for four
+    random inits; the official settings at this budget stay at random-init level (~31)."""
     c = ibot("small")
     c.data.dataset = "beitv2_demo"
     c.data.eval_split = "test"
@@ -262,14 +268,14 @@ def ibot_demo() -> ml_collections.ConfigDict:
     c.data.num_workers = 0
     c.data.read_threads = 2
     c.batch_size = 128
-    c.num_epochs = 3
+    c.num_epochs = 6
     c.log_every_steps = 13
     c.checkpoint_every_steps = 1000
-    c.model.update(patch_size=4, width=64, depth=2, num_heads=4, drop_path_rate=0.0)
-    c.head.update(out_dim=256, patch_out_dim=256, hidden_dim=128, bottleneck_dim=64, norm_last_layer=True)
+    c.model.update(patch_size=4, width=64, depth=2, num_heads=4, drop_path_rate=0.0, zero_init_cls=True)
+    c.head.update(out_dim=256, patch_out_dim=256, hidden_dim=128, bottleneck_dim=64, norm_last_layer=False)
     c.crops.update(num_local=2, local_size=16)
-    c.optim.update(warmup_epochs=1, freeze_last_layer_epochs=1)
-    c.teacher.momentum = 0.99
+    c.optim.update(lr=1e-3, warmup_epochs=1, freeze_last_layer_epochs=1)
+    c.teacher.momentum = 0.9
     c.knn_at_end = True
     return c
 

@@ -81,9 +81,11 @@ def test_last_layer_frozen_for_the_first_epoch(tiny_run):
     init = ibot.build_model(c).init(jax.random.PRNGKey(c.seed))["head"]["last_layer"]
     for step in (1, 2, 3, 4):
         last = _restore(workdir, step)["params"]["head"]["last_layer"]
-        np.testing.assert_array_equal(last["weight_g"], init["weight_g"])  # norm_last_layer: g fixed at 1
         frozen = np.array_equal(last["weight_v"], np.asarray(init["weight_v"]))
         assert frozen == (step <= c.steps_per_epoch), step
+        g_fixed = np.array_equal(last["weight_g"], np.asarray(init["weight_g"]))
+        # norm_last_layer: g fixed at 1 for good; otherwise g trains too, after the first epoch (the demo setting)
+        assert g_fixed == (c.head.norm_last_layer or step <= c.steps_per_epoch), step
 
 
 def test_exported_teacher_is_a_vit_for_knn_and_linear_probe(tiny_run):
@@ -456,3 +458,27 @@ def test_two_training_steps_match_the_official_pytorch_step():
     np.testing.assert_allclose(state.params["backbone"]["mask_token"][0], masked_embed.detach().numpy(), atol=1e-5)
     np.testing.assert_allclose(state.model_state["center"], center.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(state.model_state["center2"], center2.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_zero_init_cls_zeroes_only_the_class_token_and_its_position():
+    c = load_config_file("ibot_tiny")
+    assert c.model.zero_init_cls  # the demo setting, inherited by the tiny config
+    with c.unlocked():
+        c.model.zero_init_cls = False
+    official = ibot.build_model(c).init(jax.random.PRNGKey(3))
+    with c.unlocked():
+        c.model.zero_init_cls = True
+    zeroed = ibot.build_model(c).init(jax.random.PRNGKey(3))
+    bb, ref = zeroed["backbone"], official["backbone"]
+    assert float(jnp.abs(ref["cls_token"]).max()) > 0 and float(jnp.abs(ref["pos_embed"][:, 0]).max()) > 0
+    assert not np.any(bb["cls_token"]) and not np.any(bb["pos_embed"][:, 0])
+    np.testing.assert_array_equal(bb["pos_embed"][:, 1:], ref["pos_embed"][:, 1:])
+    changed = {k for k, a in _flat(zeroed).items() if not np.array_equal(a, _flat(official)[k])}
+    assert changed == {k for k in _flat(zeroed) if k.endswith(("cls_token", "pos_embed"))}, changed
+    assert not recipes_ibot_small_zero_init()
+
+
+def recipes_ibot_small_zero_init():
+    from beitv2_jax import recipes
+
+    return recipes.ibot("small").model.zero_init_cls or recipes.ibot("base").model.zero_init_cls

@@ -136,10 +136,17 @@ def backbone_export_config(backbone: vit.VisionTransformer) -> dict:
     return cfg
 
 
-def official_init(params: dict, depth: int) -> dict:
+def official_init(params: dict, depth: int, zero_init_cls: bool = False) -> dict:
     """Undo ``Block``'s BEiT ``fix_init_weight`` rescale (iBOT has none: attn.proj and mlp.fc2 keep std 0.02) and
-    zero the mask token (iBOT's ``masked_embed`` starts at zeros). ``params`` = backbone params, returns a copy."""
+    zero the mask token (iBOT's ``masked_embed`` starts at zeros). ``params`` = backbone params, returns a copy.
+
+    ``zero_init_cls``: also start the class token and its position embedding at zero (timm's ViT draws the class
+    token with std 1e-6; the official iBOT uses 0.02). In a shallow ViT the class token then carries the attention
+    average of the patches instead of a constant shared by all images (see ``recipes.ibot_demo``)."""
     params = jax.tree.map(lambda x: x, params)
+    if zero_init_cls:
+        params["cls_token"] = jnp.zeros_like(params["cls_token"])
+        params["pos_embed"] = params["pos_embed"].at[:, 0].set(0.0)
     for i in range(depth):
         block = params[f"blocks_{i}"]
         scale = math.sqrt(2.0 * (i + 1))
@@ -157,6 +164,7 @@ class IBOT:
 
     backbone: vit.VisionTransformer
     head: IBOTHead
+    zero_init_cls: bool = False  # config.model.zero_init_cls: class token + its position embedding start at 0
 
     def init(self, key: jax.Array) -> dict:
         """Parameters as the official code initialises them (unboxed)."""
@@ -165,7 +173,7 @@ class IBOT:
         images = jnp.zeros((1, size, size, 3), jnp.float32)
         backbone = nn.meta.unbox(self.backbone.init(k1, images, jnp.zeros((1, n), bool))["params"])
         head = nn.meta.unbox(self.head.init(k2, jnp.zeros((1, 1 + n, self.backbone.width), jnp.float32))["params"])
-        return {"backbone": official_init(backbone, self.backbone.depth), "head": head}
+        return {"backbone": official_init(backbone, self.backbone.depth, self.zero_init_cls), "head": head}
 
     def abstract_boxed(self) -> dict:
         """Parameter shapes with their logical axis names (for sharding), without computing anything."""
@@ -208,4 +216,4 @@ def build_ibot(model_cfg: dict, head_cfg: dict, image_size: int, dtype=jnp.float
     vit_fields = {k: v for k, v in model_cfg.items() if k in vit.VisionTransformer.__dataclass_fields__}
     vit_fields.update(image_size=image_size, drop_path_rate=drop_path_rate, dtype=dtype)
     head = IBOTHead(**{k: head_cfg[k] for k in HEAD_FIELDS if k in head_cfg}, dtype=dtype)
-    return IBOT(backbone=ibot_backbone(**vit_fields), head=head)
+    return IBOT(backbone=ibot_backbone(**vit_fields), head=head, zero_init_cls=bool(model_cfg.get("zero_init_cls")))
