@@ -135,6 +135,14 @@ def _random_params(model, x, seed=3, std=0.3):
     return jax.tree.unflatten(tree, [std * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
 
 
+def _params_with_bias(model, x):
+    """Random params (std 0.2) with a non-zero relative position table, so the attention bias matters."""
+    params = _random_params(model, x, std=0.2)
+    table = params["rel_pos_bias"]["relative_position_bias_table"]
+    params["rel_pos_bias"]["relative_position_bias_table"] = jax.random.normal(jax.random.PRNGKey(5), table.shape)
+    return params
+
+
 def test_einsum_attention_logits_accumulate_in_float32():
     x = jax.random.normal(jax.random.PRNGKey(1), (2, SIZE, SIZE, 3))
     fp32, bf16 = _tiny_vit(), _tiny_vit(dtype=jnp.bfloat16)
@@ -174,10 +182,8 @@ def test_einsum_attention_logits_accumulate_in_float32():
 def test_xla_attention_gets_a_batch_shared_bias_and_matches_einsum(monkeypatch):
     x = jax.random.normal(jax.random.PRNGKey(1), (3, SIZE, SIZE, 3))
     einsum, xla = _tiny_vit(), _tiny_vit(attention_impl="xla")
-    params = _random_params(einsum, x, std=0.2)
-    # A non-zero relative position table, so the bias matters.
+    params = _params_with_bias(einsum, x)
     table = params["rel_pos_bias"]["relative_position_bias_table"]
-    params["rel_pos_bias"]["relative_position_bias_table"] = jax.random.normal(jax.random.PRNGKey(5), table.shape)
 
     seen = []
     original = jax.nn.dot_product_attention
@@ -206,9 +212,7 @@ def test_cudnn_attention_with_shared_bias_matches_einsum_forward_and_backward():
     x = jax.random.normal(jax.random.PRNGKey(1), (4, SIZE, SIZE, 3))
     fp32 = _tiny_vit()
     einsum_bf16, cudnn_bf16 = _tiny_vit(dtype=jnp.bfloat16), _tiny_vit(dtype=jnp.bfloat16, attention_impl="cudnn")
-    params = _random_params(fp32, x, std=0.2)
-    table = params["rel_pos_bias"]["relative_position_bias_table"]
-    params["rel_pos_bias"]["relative_position_bias_table"] = jax.random.normal(jax.random.PRNGKey(5), table.shape)
+    params = _params_with_bias(fp32, x)
 
     def loss(p, model):
         return jnp.mean(model.apply({"params": p}, x)["encoded"].astype(jnp.float32) ** 2)
@@ -239,9 +243,7 @@ def test_cudnn_path_pads_odd_token_counts_without_changing_the_result(monkeypatc
     attend to; checked on CPU by routing the padded call to the XLA kernel: same output and gradients as einsum."""
     x = jax.random.normal(jax.random.PRNGKey(1), (3, SIZE, SIZE, 3))
     einsum, cudnn = _tiny_vit(), _tiny_vit(attention_impl="cudnn")
-    params = _random_params(einsum, x, std=0.2)
-    table = params["rel_pos_bias"]["relative_position_bias_table"]
-    params["rel_pos_bias"]["relative_position_bias_table"] = jax.random.normal(jax.random.PRNGKey(5), table.shape)
+    params = _params_with_bias(einsum, x)
     seen = []
     original = jax.nn.dot_product_attention
 
