@@ -88,16 +88,43 @@ def _linear_weights(points: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return weights
 
 
+RESIZE_METHODS = ("official_cubic", "timm_linear")
+
+
+def _cubic_spline_resize(grid: np.ndarray, src_y: np.ndarray, src_x: np.ndarray, dst_y: np.ndarray,
+                         dst_x: np.ndarray) -> np.ndarray:
+    """Per-head interpolating bicubic spline (SciPy ``RectBivariateSpline(kx=3, ky=3, s=0)``, which is what the
+    removed ``interp2d(kind='cubic')`` fitted on a rectilinear grid): ``[sy, sx, heads]`` → ``[dy, dx, heads]``.
+    A grid of fewer than 4 offsets along an axis (window 2, where the official code fails) gets degree n − 1."""
+    from scipy import interpolate
+
+    k0, k1 = min(3, grid.shape[0] - 1), min(3, grid.shape[1] - 1)
+    out = np.empty((dst_y.shape[0], dst_x.shape[0], grid.shape[-1]), np.float64)
+    for h in range(grid.shape[-1]):
+        spline = interpolate.RectBivariateSpline(src_y, src_x, grid[..., h], kx=k0, ky=k1, s=0)
+        out[..., h] = spline(dst_y, dst_x)
+    return out
+
+
 def resize_rel_pos_bias_table(
     table: np.ndarray,
     new_window: Sequence[int],
     old_window: Sequence[int] | None = None,
+    method: str = "timm_linear",
 ) -> np.ndarray:
-    """Resize a table ``[(2H−1)(2W−1)+3, heads]`` to ``new_window`` like timm's ``resize_rel_pos_bias_table``.
+    """Resize a table ``[(2H−1)(2W−1)+3, heads]`` to ``new_window``; the three CLS rows are kept as they are.
 
-    The patch-pair grid is resampled with the unilm geometric-progression source grid and linear interpolation
-    (timm's default, no scipy); the three CLS rows are kept as they are.
+    Both methods sample the old patch-pair grid on the unilm geometric-progression source positions (``q`` found by
+    bisection so that the outermost old offset lands on the new one):
+
+    * ``official_cubic``: the official BEiT / BEiT v2 loaders (``run_class_finetuning.py``, the segmentation
+      ``mmcv_custom/checkpoint.py``): a cubic spline per head, SciPy ``interp2d(x, y, z, kind='cubic')`` there,
+      ``RectBivariateSpline(kx=3, ky=3, s=0)`` here (same FITPACK interpolating spline; ``interp2d`` is gone from
+      SciPy ≥ 1.14). Computed in float64 and cast back (the official code casts to float32 too).
+    * ``timm_linear``: timm's ``resize_rel_pos_bias_table`` (linear interpolation on the same grid, no SciPy).
     """
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"relative position table resize method must be one of {RESIZE_METHODS}, got {method!r}")
     table = np.asarray(table)
     if table.ndim != 2:
         raise ValueError(f"relative position table must be [positions, heads], got shape {table.shape}")
@@ -109,15 +136,21 @@ def resize_rel_pos_bias_table(
         src = (side, side)
     else:
         src = (2 * old_window[0] - 1, 2 * old_window[1] - 1)
+    if table.shape[0] != src[0] * src[1] + NUM_CLS_ENTRIES:
+        raise ValueError(f"relative position table has {table.shape[0]} rows, expected {src[0] * src[1]} + "
+                         f"{NUM_CLS_ENTRIES} for the window {old_window}")
     if src == dst:
         return table
     extra = table[-NUM_CLS_ENTRIES:]
     grid = table[:-NUM_CLS_ENTRIES].astype(np.float64).reshape(src[0], src[1], -1)
-    wy = _linear_weights(_geometric_source_positions(src[0], dst[0]),
-                         np.arange(-(dst[0] // 2), dst[0] // 2 + 0.1, 1.0))
-    wx = _linear_weights(_geometric_source_positions(src[1], dst[1]),
-                         np.arange(-(dst[1] // 2), dst[1] // 2 + 0.1, 1.0))
-    resized = np.einsum("ys,xt,sth->yxh", wy, wx, grid).reshape(dst[0] * dst[1], -1)
+    src_y, src_x = _geometric_source_positions(src[0], dst[0]), _geometric_source_positions(src[1], dst[1])
+    dst_y = np.arange(-(dst[0] // 2), dst[0] // 2 + 0.1, 1.0)
+    dst_x = np.arange(-(dst[1] // 2), dst[1] // 2 + 0.1, 1.0)
+    if method == "official_cubic":
+        resized = _cubic_spline_resize(grid, src_y, src_x, dst_y, dst_x)
+    else:
+        resized = np.einsum("ys,xt,sth->yxh", _linear_weights(src_y, dst_y), _linear_weights(src_x, dst_x), grid)
+    resized = resized.reshape(dst[0] * dst[1], -1)
     return np.concatenate([resized.astype(table.dtype), extra], axis=0)
 
 

@@ -30,36 +30,46 @@ def layer_id(path: str, depth: int) -> int:
     return depth + 1
 
 
+def segmentation_layer_id(path: str, depth: int) -> int:
+    """Layer id in a :class:`~beitv2_jax.models.segmentation.SegmentationModel` (the official segmentation
+    ``LayerDecayOptimizerConstructor``): ``backbone/<ViT path>`` as :func:`layer_id` (``backbone/fpn*`` → L + 1);
+    ``decode_head``, ``auxiliary_head`` → L + 1 (full learning rate)."""
+    head, _, rest = path.partition("/")
+    return layer_id(rest, depth) if head == "backbone" else depth + 1
+
+
 def layer_scales(depth: int, decay: float) -> np.ndarray:
     """``[depth + 2]`` learning-rate scales: ``decay ** (depth + 1 − i)`` for layer id ``i``."""
     return np.asarray([decay ** (depth + 1 - i) for i in range(depth + 2)], np.float64)
 
 
-def layer_id_tree(params, depth: int):
-    """A tree like ``params`` holding each parameter's layer id."""
+def layer_id_tree(params, depth: int, layer_id_fn=layer_id):
+    """A tree like ``params`` holding each parameter's layer id (``layer_id_fn(path, depth)``)."""
     flat = flax.traverse_util.flatten_dict(flax.linen.meta.unbox(params))
-    return flax.traverse_util.unflatten_dict({k: layer_id("/".join(k), depth) for k in flat})
+    return flax.traverse_util.unflatten_dict({k: layer_id_fn("/".join(k), depth) for k in flat})
 
 
-def scale_tree(params, depth: int, decay: float):
+def scale_tree(params, depth: int, decay: float, layer_id_fn=layer_id):
     """A tree like ``params`` holding each parameter's learning-rate scale (for logs and tests)."""
     scales = layer_scales(depth, decay)
     return flax.traverse_util.unflatten_dict({
-        k: float(scales[v]) for k, v in flax.traverse_util.flatten_dict(layer_id_tree(params, depth)).items()})
+        k: float(scales[v])
+        for k, v in flax.traverse_util.flatten_dict(layer_id_tree(params, depth, layer_id_fn)).items()})
 
 
-def scale_by_layer_decay(params, depth: int, decay: float) -> optax.GradientTransformation:
+def scale_by_layer_decay(params, depth: int, decay: float, layer_id_fn=layer_id) -> optax.GradientTransformation:
     """``optax.multi_transform`` that multiplies each update by its layer's scale (identity for ``decay == 1``).
 
     ``params`` gives the tree structure (the labels are a tree, not a function of the params, so
     ``optax.tree_map_params`` can shard the state). Put it after the weight-decay term and before
     ``scale_by_learning_rate`` (``optim.make_optimizer``'s ``lr_scale_fn`` slot) so that, as in the official AdamW
-    parameter groups, lr × scale multiplies both.
+    parameter groups, lr × scale multiplies both. ``layer_id_fn``: :func:`layer_id` (a ViT) or
+    :func:`segmentation_layer_id` (a segmentation model).
     """
     if decay == 1.0:
         return optax.identity()
     scales = layer_scales(depth, decay)
     transforms = {f"layer_{i}": optax.scale(float(s)) for i, s in enumerate(scales)}
     labels = flax.traverse_util.unflatten_dict({
-        k: f"layer_{v}" for k, v in flax.traverse_util.flatten_dict(layer_id_tree(params, depth)).items()})
+        k: f"layer_{v}" for k, v in flax.traverse_util.flatten_dict(layer_id_tree(params, depth, layer_id_fn)).items()})
     return optax.multi_transform(transforms, labels)

@@ -166,10 +166,12 @@ def expand_shared_rel_pos(params: dict, depth: int) -> dict:
     return _unflat(flat)
 
 
-def adapt_pretrained(pretrained: Pretrained, target_cfg: dict, init_params) -> tuple:
-    """The fine-tune model's params from the pretrained encoder: tables copied per layer and resized, positions
-    resized, the head kept only when its shape matches; ``fc_norm``/``head`` (and ``norm`` for CLS pooling from a
-    mean-pooling encoder) start from ``init_params``. Returns ``(params, report)`` with report keys ``loaded``,
+def adapt_pretrained(pretrained: Pretrained, target_cfg: dict, init_params,
+                     rel_pos_interpolation: str = "official_cubic") -> tuple:
+    """The fine-tune model's params from the pretrained encoder: tables copied per layer and resized
+    (``rel_pos_interpolation``: ``official_cubic`` | ``timm_linear``, see ``relpos.resize_rel_pos_bias_table``),
+    positions resized, the head kept only when its shape matches; ``fc_norm``/``head`` (and ``norm`` for CLS pooling
+    from a mean-pooling encoder) start from ``init_params``. Returns ``(params, report)`` with report keys ``loaded``,
     ``initialised`` and ``unused`` (paths). Any other missing parameter or shape mismatch raises ``ValueError``."""
     src = _flat(pretrained.params)
     init = _flat(init_params)
@@ -179,7 +181,8 @@ def adapt_pretrained(pretrained: Pretrained, target_cfg: dict, init_params) -> t
     for path, init_value in init.items():
         if _BLOCK_TABLE.match(path) or path == SHARED_TABLE:
             key = path if path in src else SHARED_TABLE
-            value = None if key not in src else relpos.resize_rel_pos_bias_table(src[key], new_window, old_window)
+            value = None if key not in src else relpos.resize_rel_pos_bias_table(
+                src[key], new_window, old_window, method=rel_pos_interpolation)
         elif path == "pos_embed" and path in src:
             key, value = path, resize_pos_embed(src[path], new_window, int(target_cfg["use_cls_token"]))
         else:
@@ -204,6 +207,25 @@ def adapt_pretrained(pretrained: Pretrained, target_cfg: dict, init_params) -> t
         raise ValueError("the pretrained encoder does not fit the fine-tune model:\n  " + "\n  ".join(problems))
     unused = sorted(set(src) - used) + sorted(pretrained.dropped)
     report = {"loaded": sorted(set(out) - set(fresh)), "initialised": sorted(fresh), "unused": unused}
+    return _unflat(out), report
+
+
+def adapt_pretrained_segmentation(pretrained: Pretrained, seg_cfg: dict, init_params,
+                                  rel_pos_interpolation: str = "official_cubic") -> tuple:
+    """A :class:`~beitv2_jax.models.segmentation.SegmentationModel`'s params (``seg_cfg`` from
+    ``segmentation.segmentation_config``) from a pretrained encoder: ``backbone/<ViT>`` loaded as in
+    :func:`adapt_pretrained` (the shared table copied into every block and resized to the new window; the official
+    segmentation loader, ``mmcv_custom/checkpoint.py``, uses the cubic resize), ``backbone/fpn*``, ``decode_head``
+    and ``auxiliary_head`` from ``init_params``. Returns ``(params, report)`` like :func:`adapt_pretrained`."""
+    init = _flat(init_params)
+    backbone = {k[len("backbone/"):]: v for k, v in init.items()
+                if k.startswith("backbone/") and not re.match(r"^backbone/fpn\d", k)}
+    loaded, report = adapt_pretrained(pretrained, seg_cfg["backbone"], _unflat(backbone), rel_pos_interpolation)
+    out = dict(init)
+    out.update({f"backbone/{k}": v for k, v in _flat(loaded).items()})
+    fresh = sorted(set(init) - {f"backbone/{k}" for k in backbone})
+    report = {"loaded": [f"backbone/{k}" for k in report["loaded"]],
+              "initialised": [f"backbone/{k}" for k in report["initialised"]] + fresh, "unused": report["unused"]}
     return _unflat(out), report
 
 
