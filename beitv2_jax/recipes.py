@@ -119,6 +119,9 @@ def beitv2_finetune(size: str = "base", pretrain_epochs: int = 1600) -> ml_colle
         "num_classes": 1000,
         "pooling": "mean",  # mean of patch tokens → fc_norm → head (official use_mean_pooling)
         "rel_pos": "per_layer",  # the shared pretraining table copied into every block
+        # tables resized for another resolution: official_cubic (official run_class_finetuning.py spline) |
+        # timm_linear (timm's resize_rel_pos_bias_table)
+        "rel_pos_interpolation": "official_cubic",
         "drop_path_rate": (0.2 if long_run else 0.1) if size == "base" else 0.2,
         "head_init_scale": 0.001,
         "init_truncation": 100.0,  # timm trunc_normal_(std=.02) for the new head

@@ -309,6 +309,12 @@ def validate_stage(config: ConfigDict, task: str, parent: Optional[ConfigDict] =
         validate_vqkd(config, standalone=parent is None)
     elif task in ("finetune", "linear_probe", "knn"):
         validate_pretrained(config)
+    if task == "finetune" and "model" in config:
+        from beitv2_jax.models import relpos
+
+        method = config.model.get("rel_pos_interpolation", "official_cubic")
+        _require(method in relpos.RESIZE_METHODS,
+                 f"config.model.rel_pos_interpolation={method!r} must be one of {relpos.RESIZE_METHODS}")
 
 
 def validate_pretrained(config: ConfigDict) -> None:

@@ -182,7 +182,7 @@ def test_official_pretraining_checkpoint_finetunes_like_timm_beit(tmp_path, imag
     cfg = finetune.finetune_vit_config(pretrained.config, image_size, num_classes=5, drop_path_rate=0.1)
     model = finetune.model_from_config(cfg)
     init = fresh_params(cfg, 3)  # a head / fc_norm that is not (near) zero
-    params, report = finetune.adapt_pretrained(pretrained, cfg, init)
+    params, report = finetune.adapt_pretrained(pretrained, cfg, init, rel_pos_interpolation="timm_linear")
     assert report["initialised"] == ["fc_norm/bias", "fc_norm/scale", "head/bias", "head/kernel"]
     assert {"norm/scale", "lm_head", "cls_pt_layers_0", "backbone/mask_token"} <= set(
         report["unused"])
@@ -205,6 +205,59 @@ def test_official_pretraining_checkpoint_finetunes_like_timm_beit(tmp_path, imag
         np.testing.assert_allclose(params[f"blocks_{i}"]["attn"]["relative_position_bias_table"],
                                    ft_sd[f"blocks.{i}.attn.relative_position_bias_table"].numpy(), rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_official_checkpoint_finetuned_at_384_matches_official_cubic_tables(tmp_path):
+    """The default (official) 384² path: tables = the official run_class_finetuning loop (shared table copied per
+    block, cubic spline on the geometric grid, 14 → 24) and the logits = timm Beit at 384² holding those tables."""
+    from timm.models.beit import Beit
+
+    from test_segmentation import official_cubic_resize
+
+    sd = export_variables(random_variables("beit_pretrain", PRETRAIN_224, seed=4), "official_beitv2",
+                          "beit_pretrain", PRETRAIN_224)
+    path = str(tmp_path / "beitv2_small_pt.pth")
+    torch_io.save_state_dict(path, sd, wrap="model")
+    pretrained = finetune.load_pretrained(path, "official_beitv2")
+    cfg = finetune.finetune_vit_config(pretrained.config, 384, num_classes=5)
+    init = fresh_params(cfg, 3)
+    params, _ = finetune.adapt_pretrained(pretrained, cfg, init)  # default: official_cubic
+    expected = official_cubic_resize(sd["rel_pos_bias.relative_position_bias_table"], (24, 24))
+    for i in range(3):
+        table = params[f"blocks_{i}"]["attn"]["relative_position_bias_table"]
+        np.testing.assert_allclose(table, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    linear, _ = finetune.adapt_pretrained(pretrained, cfg, init, rel_pos_interpolation="timm_linear")
+    gap = np.abs(linear["blocks_0"]["attn"]["relative_position_bias_table"] - expected).max()
+    assert gap > 1e-3  # the two resizes do differ (random tables: by far more than the tolerance)
+    x = np.random.default_rng(6).standard_normal((1, 384, 384, 3)).astype(np.float32)
+    ours = np.asarray(jax.jit(finetune.model_from_config(cfg).apply)({"params": params}, jnp.asarray(x))["logits"])
+    ref = Beit(img_size=384, patch_size=16, embed_dim=64, depth=3, num_heads=4, use_abs_pos_emb=False,
+               use_rel_pos_bias=True, init_values=0.1, num_classes=5, global_pool="avg").eval()
+    ft_sd = official_finetune_state_dict(sd, depth=3)
+    ft_sd.update({f"blocks.{i}.attn.relative_position_bias_table": expected for i in range(3)})
+    ft_sd.update({"fc_norm.weight": init["fc_norm"]["scale"], "fc_norm.bias": init["fc_norm"]["bias"],
+                  "head.weight": init["head"]["kernel"].T, "head.bias": init["head"]["bias"]})
+    ref.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ft_sd.items()}, strict=True)
+    with torch.no_grad():
+        theirs = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    err = np.abs(ours - theirs).max()
+    print(f"fine-tune at 384 (official cubic tables): max |ours - official| = {err:.2e} "
+          f"(|logits| ≤ {np.abs(theirs).max():.2f}; table gap to timm_linear {gap:.2f})")
+    assert err <= 1e-5 * max(1.0, np.abs(theirs).max()), err
+
+
+def test_rel_pos_interpolation_key_is_validated(tmp_path):
+    from beitv2_jax import validate
+
+    from conftest import load_config_file
+
+    config = load_config_file("finetune_base")
+    config.pretrained.checkpoint = str(tmp_path)
+    config.model.rel_pos_interpolation = "bicubic"
+    with pytest.raises(validate.ConfigError, match="config.model.rel_pos_interpolation='bicubic' must be one of"):
+        validate.validate_stage(config, "finetune")
+    config.model.rel_pos_interpolation = "timm_linear"
+    validate.validate_stage(config, "finetune")
 
 
 def test_pretrain_directory_and_wrong_head_size(tmp_path):

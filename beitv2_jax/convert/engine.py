@@ -196,6 +196,15 @@ def apply_overrides(kind: str, config: dict, overrides: Optional[Mapping[str, An
     return config
 
 
+def unknown_fields(config: Mapping[str, Any]) -> list:
+    """Config fields (top level or ``backbone.``) a layout left as None: not in the checkpoint, no safe default."""
+    unknown = [k for k, v in config.items() if v is None]
+    backbone = config.get("backbone")
+    if isinstance(backbone, Mapping):
+        unknown += [k for k, v in backbone.items() if v is None]
+    return unknown
+
+
 def infer_config(state_dict: Mapping[str, Any], fmt, hf_config: Optional[dict] = None) -> tuple:
     """``(model_kind, model_config, notes)`` read from a state dict in layout ``fmt`` (``notes`` say what
     had to be assumed, e.g. heads when the checkpoint has no relative position table)."""
@@ -207,7 +216,7 @@ def infer_config(state_dict: Mapping[str, Any], fmt, hf_config: Optional[dict] =
     arrays = {k: v for k, v in arrays.items() if not any(p.search(k) for p in ignore)}
     notes = []
     kind, config = layout.infer(arrays, layout.detect_options(arrays), hf_config, notes)
-    return kind, model_shapes.normalize_config(kind, config), notes
+    return kind, (config if unknown_fields(config) else model_shapes.normalize_config(kind, config)), notes
 
 
 def import_state_dict(state_dict: Mapping[str, Any], fmt, *, model_kind: Optional[str] = None,
@@ -235,9 +244,15 @@ def import_state_dict(state_dict: Mapping[str, Any], fmt, *, model_kind: Optiona
         raise ValueError("model_kind is required with model_config")
     from beitv2_jax.convert import model_shapes
 
-    model_config = model_shapes.normalize_config(model_kind, apply_overrides(model_kind, model_config, overrides))
-    rules = layout.rules(model_kind, model_config, opts)
     what = f"cannot import the {layout.name!r} state dict as a {model_kind} model"
+    model_config = apply_overrides(model_kind, model_config, overrides)
+    unknown = unknown_fields(model_config)
+    if unknown:  # the layout could not read them and would not guess (see the notes): the caller must give them
+        raise ConversionError(what, problems=[n for n in notes if n.split(" ", 1)[0] in unknown] or [
+            f"{', '.join(unknown)}: not stored in the checkpoint"], hint="give them as overrides (CLI: --set "
+                              f"{unknown[0]}=VALUE)")
+    model_config = model_shapes.normalize_config(model_kind, model_config)
+    rules = layout.rules(model_kind, model_config, opts)
 
     wanted, optional = [], set()
     for rule in rules:

@@ -7,6 +7,8 @@ official_beitv2      unilm beit2 pretraining (``VisionTransformerForMaskedImageM
                      or a backbone-only subset of it                                       for the subset)
 official_finetune    unilm beit2 ``modeling_finetune.VisionTransformer``                   vit
 official_vqkd        unilm beit2 VQ-KD tokenizer (teacher/scaling/loss keys ignored)       vqkd
+official_beitv2_seg  unilm beit2 ``semantic_segmentation`` UperNet (mmseg ``EncoderDecoder``:  segmentation
+                     ``backbone.`` BEiT + fpn1..4, ``decode_head.``, ``auxiliary_head.``)
 timm                 timm ``Beit`` (``beit_*``, ``beitv2_*``) and ``VisionTransformer``    vit
 dino                 DINO ViT (= timm ViT names)                                           vit
 hf_beit              transformers ``Beit{Model,ForMaskedImageModeling,ForImage...}``       vit / beit_pretrain
@@ -88,6 +90,94 @@ def _official_finetune_rules(kind: str, cfg: Mapping, opts: Mapping) -> list:
 register(Layout(
     "official_finetune", "unilm beit2 modeling_finetune.VisionTransformer", _official_finetune_rules,
     lambda sd, opts, hf, notes: ("vit", S.finish_vit(S.infer_vit(S.OFFICIAL, sd), eps=1e-6, notes=notes))))
+
+
+# ----------------------------------------------------------------------------------------------- segmentation
+# The official ADE20K configs (upernet_beit_{base,large}_*): out_indices per depth; pool scales and the auxiliary
+# head's input level are not stored in a checkpoint.
+SEG_OUT_INDICES = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}
+DECONV = T.Transform("deconv", lambda w: (w.transpose(2, 3, 0, 1),), lambda k: (k.transpose(2, 3, 0, 1),))
+
+
+def _seg_bn_rules(fp: str, tp: str) -> list:
+    """BatchNorm / SyncBatchNorm ``tp`` ⇄ ``params/{fp}/{scale,bias}`` + ``batch_stats/{fp}/{mean,var}``."""
+    return [Rule((f"{tp}.{t}",), (f"{c}/{fp}/{f}",), T.IDENTITY)
+            for t, c, f in (("weight", "params", "scale"), ("bias", "params", "bias"),
+                            ("running_mean", "batch_stats", "mean"), ("running_var", "batch_stats", "var"))]
+
+
+def _seg_conv_module_rules(fp: str, tp: str) -> list:
+    """mmcv ``ConvModule`` (conv without bias + ``bn``)."""
+    return [Rule((f"{tp}.conv.weight",), (f"params/{fp}/conv/kernel",), T.CONV)] + _seg_bn_rules(f"{fp}/bn",
+                                                                                                  f"{tp}.bn")
+
+
+def _seg_deconv_rules(fp: str, tp: str) -> list:
+    return [Rule((f"{tp}.weight",), (f"params/{fp}/kernel",), DECONV),
+            Rule((f"{tp}.bias",), (f"params/{fp}/bias",), T.IDENTITY)]
+
+
+def _seg_conv_seg_rules(fp: str, tp: str) -> list:
+    return [Rule((f"{tp}.conv_seg.weight",), (f"params/{fp}/conv_seg/kernel",), T.CONV),
+            Rule((f"{tp}.conv_seg.bias",), (f"params/{fp}/conv_seg/bias",), T.IDENTITY)]
+
+
+def official_seg_rules(kind: str, cfg: Mapping, opts: Mapping) -> list:
+    """``official_beitv2_seg``: mmseg names of the official UperNet model ⇄ :class:`SegmentationModel` paths."""
+    _check_kind("official_beitv2_seg", kind, ("segmentation",))
+    bb = cfg["backbone"]
+    rules = S.vit_rules(S.OFFICIAL, bb, fp="params/backbone/", tp="backbone.")
+    if bb["patch_size"] == 16:
+        rules += _seg_deconv_rules("backbone/fpn1/deconv_0", "backbone.fpn1.0")
+        rules += _seg_bn_rules("backbone/fpn1/bn", "backbone.fpn1.1")
+        rules += _seg_deconv_rules("backbone/fpn1/deconv_1", "backbone.fpn1.3")
+        rules += _seg_deconv_rules("backbone/fpn2/deconv_0", "backbone.fpn2.0")
+    else:
+        rules += _seg_deconv_rules("backbone/fpn1/deconv_0", "backbone.fpn1.0")
+    for j in range(len(cfg["pool_scales"])):
+        rules += _seg_conv_module_rules(f"decode_head/psp_modules_{j}", f"decode_head.psp_modules.{j}.1")
+    rules += _seg_conv_module_rules("decode_head/bottleneck", "decode_head.bottleneck")
+    for i in range(3):
+        rules += _seg_conv_module_rules(f"decode_head/lateral_convs_{i}", f"decode_head.lateral_convs.{i}")
+        rules += _seg_conv_module_rules(f"decode_head/fpn_convs_{i}", f"decode_head.fpn_convs.{i}")
+    rules += _seg_conv_module_rules("decode_head/fpn_bottleneck", "decode_head.fpn_bottleneck")
+    rules += _seg_conv_seg_rules("decode_head", "decode_head")
+    for n in range(cfg["aux_num_convs"]):
+        rules += _seg_conv_module_rules(f"auxiliary_head/convs_{n}", f"auxiliary_head.convs.{n}")
+    return rules + _seg_conv_seg_rules("auxiliary_head", "auxiliary_head")
+
+
+def _official_seg_infer(sd: Mapping, opts: Mapping, hf_config: Optional[Mapping], notes: list) -> tuple:
+    bb = S.finish_vit(S.infer_vit(S.OFFICIAL, sd, tp="backbone."), eps=1e-6, notes=notes)
+    bb.update(use_final_norm=False, use_fc_norm=False, pooling="none", num_classes=0)
+    out_indices = opts.get("out_indices") or SEG_OUT_INDICES.get(bb["depth"])
+    if out_indices is None:
+        notes.append(f"out_indices is not stored in the checkpoint and depth {bb['depth']} has no official "
+                     f"config: give it (--set out_indices=[a,b,c,d])")
+    elif "out_indices" not in opts:
+        notes.append(f"out_indices is not stored in the checkpoint: assumed {out_indices} (the official "
+                     f"config for depth {bb['depth']})")
+    bb["out_indices"] = out_indices
+    if "decode_head.conv_seg.weight" not in sd or "auxiliary_head.conv_seg.weight" not in sd:
+        raise ValueError("decode_head.conv_seg / auxiliary_head.conv_seg not found: not an official UperNet "
+                         f"segmentation state dict (first keys: {list(sd)[:5]})")
+    num_classes, channels = (int(d) for d in sd["decode_head.conv_seg.weight"].shape[:2])
+    levels = len(S.block_indices(sd, "decode_head.psp_modules.{i}."))
+    pool_scales = opts.get("pool_scales") or ([1, 2, 3, 6] if levels == 4 else None)
+    if "pool_scales" not in opts:
+        notes.append("pool_scales is not stored in the checkpoint: " + (
+            "assumed [1, 2, 3, 6] (the official UperNet)" if levels == 4 else
+            f"give the {levels} scales (--set pool_scales=[...])"))
+    aux_in_index = int(opts.get("aux_in_index", 2))
+    return "segmentation", dict(
+        backbone=bb, num_classes=num_classes, channels=channels, pool_scales=pool_scales,
+        aux_channels=int(sd["auxiliary_head.conv_seg.weight"].shape[1]),
+        aux_num_convs=len(S.block_indices(sd, "auxiliary_head.convs.{i}.")), aux_in_index=aux_in_index)
+
+
+register(Layout(
+    "official_beitv2_seg", "unilm beit2 semantic_segmentation UperNet (mmseg backbone./decode_head./aux head)",
+    official_seg_rules, _official_seg_infer, ignore=(r"num_batches_tracked$",)))
 
 
 # ----------------------------------------------------------------------------------------------- VQ-KD

@@ -7,6 +7,9 @@ Model kinds and their configs (what ``model.json`` stores):
   "head_layers"}`` → :class:`beitv2_jax.models.beit.BEiTPretrainModel`; the backbone is built with
   ``beit.beit_backbone(**backbone)`` so partial backbone dicts (as the pretrain task writes) work too.
 * ``vqkd``: the keys read by :func:`beitv2_jax.models.vqkd.build_vqkd` (``VQKD_FIELDS``).
+* ``segmentation``: ``{"backbone": {ViT fields, "out_indices"}, "num_classes", "channels", "pool_scales", ...}``
+  (``segmentation.segmentation_config``) → :class:`beitv2_jax.models.segmentation.SegmentationModel`; its
+  variables hold ``params`` and ``batch_stats``.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import functools
 import json
 from typing import Any, Mapping
 
-MODEL_KINDS = ("vit", "beit_pretrain", "vqkd")
+MODEL_KINDS = ("vit", "beit_pretrain", "vqkd", "segmentation")
 
 # The architecture fields of VisionTransformer a converted checkpoint pins down (training options such as
 # drop_path_rate, dtype, attention_impl or remat_policy keep their defaults and belong to the training config).
@@ -42,6 +45,10 @@ def build_model(kind: str, config: Mapping[str, Any]):
         from beitv2_jax.models import vqkd
 
         return vqkd.build_vqkd(dict(config))
+    if kind == "segmentation":
+        from beitv2_jax.models import segmentation
+
+        return segmentation.model_from_config(dict(config))
     raise ValueError(f"unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
 
 
@@ -65,6 +72,15 @@ def normalize_config(kind: str, config: Mapping[str, Any]) -> dict:
         out.setdefault("decoder_width", out["width"])
         out.setdefault("decoder_heads", out["num_heads"])
         return out
+    if kind == "segmentation":
+        from beitv2_jax.models import segmentation
+
+        model = build_model(kind, config)
+        backbone = dict(config["backbone"], **{f: getattr(model.backbone, f) for f in VIT_FIELDS},
+                        out_indices=[int(i) for i in model.backbone.out_indices])
+        heads = {f: (list(getattr(model, f)) if isinstance(getattr(model, f), tuple) else getattr(model, f))
+                 for f in segmentation.HEAD_FIELDS}
+        return dict(config, backbone=backbone, **heads)
     raise ValueError(f"unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
 
 
@@ -72,7 +88,7 @@ def example_inputs(kind: str, config: Mapping[str, Any]) -> tuple:
     """Zero inputs of batch 1 that ``init`` accepts (NHWC images, and a mask for ``beit_pretrain``)."""
     import jax.numpy as jnp
 
-    vit_cfg = config["backbone"] if kind == "beit_pretrain" else config
+    vit_cfg = config["backbone"] if kind in ("beit_pretrain", "segmentation") else config
     size = vit_cfg.get("image_size", 224)
     images = jnp.zeros((1, size, size, 3), jnp.float32)
     if kind != "beit_pretrain":

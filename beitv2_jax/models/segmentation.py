@@ -212,8 +212,10 @@ class SegmentationBackbone(vit.VisionTransformer):
         self._check_config()
         if len(self.out_indices) != 4:
             raise ValueError(f"out_indices must name 4 blocks (fpn1..fpn4), got {self.out_indices}")
-        if any(not 0 <= i < self.depth for i in self.out_indices):
-            raise ValueError(f"out_indices {self.out_indices} must be block indices in [0, {self.depth - 1}]")
+        if any(not 0 <= i < self.depth for i in self.out_indices) or list(self.out_indices) != sorted(
+                set(self.out_indices)):
+            raise ValueError(f"out_indices {self.out_indices} must be 4 increasing block indices in "
+                             f"[0, {self.depth - 1}] (the official forward collects them in block order)")
         if self.patch_size not in (8, 16):
             raise ValueError(f"the official fpn1..fpn4 exist for patch sizes 16 and 8, got {self.patch_size}")
         if not self.use_cls_token:

@@ -3,7 +3,8 @@
 * The encoder comes from one of our weight directories (``beit_pretrain`` from the pretrain task's
   ``<workdir>/model``, or ``vit``, e.g. converted with ``python -m beitv2_jax.convert``) or from a PyTorch file
   plus its ``--format``. It becomes a ViT with per-layer relative position tables (the shared table copied into
-  every block, as the official loader does), resized for another resolution, mean pooling → ``fc_norm`` → head
+  every block, as the official loader does), resized for another resolution (``model.rel_pos_interpolation``:
+  the official cubic spline by default, timm's linear resize as an option), mean pooling → ``fc_norm`` → head
   (init × ``head_init_scale``); the pretrained ``norm``, ``mask_token``, LM head and aggregation layers are unused.
 * AdamW (no decay for 1-D params, biases, ``cls_token``, ``pos_embed``; per-layer tables are decayed), layer-wise
   lr decay, warmup + cosine per step, drop path, mixup/cutmix with label smoothing, RandAugment, random erasing.
@@ -333,7 +334,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                               attention_impl=m.attention_impl, remat_policy=m.remat_policy)
     model = model_from_config(cfg, config.get("dtype", "float32"))
     initial, boxed = init_params(model, config.seed)
-    params, report = adapt_pretrained(pretrained, cfg, initial)
+    params, report = adapt_pretrained(pretrained, cfg, initial,
+                                      m.get("rel_pos_interpolation", "official_cubic"))
     logging.info("fine-tune model: %d parameters; %d loaded, fresh: %s; unused from the checkpoint: %s",
                  sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params)), len(report["loaded"]),
                  report["initialised"], report["unused"])
