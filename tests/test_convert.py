@@ -211,6 +211,32 @@ def test_official_beitv2_small_both_directions():
                         sd)
 
 
+def test_official_beitv2_early_layers_from_args_or_required(tmp_path):
+    """early_layers (the block feeding the aggregation layers) is not in the weights: read the official checkpoint's
+    ``args.early_layers``; without it a non-standard depth is an error asking for it (it used to be depth − 3 = 1
+    here, which changes the aggregation output); given as an override it is taken as is."""
+    import argparse
+
+    variables = random_variables("beit_pretrain", SMALL_PRETRAIN, seed=7)
+    sd = export_variables(variables, "official_beitv2", "beit_pretrain", SMALL_PRETRAIN)
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "epoch": 1,
+                "args": argparse.Namespace(early_layers=2, head_layers=2, lr=1.5e-3, model="tiny")},
+               tmp_path / "with_args.pth")
+    loaded, dropped, args = torch_io.load_checkpoint(str(tmp_path / "with_args.pth"))
+    assert args["early_layers"] == 2 and torch_io.layout_options(args) == {"early_layers": 2} and not dropped
+    result = import_state_dict(loaded, "official_beitv2", options=torch_io.layout_options(args))
+    assert result.model_config["early_layers"] == 2 and not any("early_layers" in n for n in result.notes)
+    assert_same_variables(result.variables, variables)
+    with pytest.raises(ConversionError, match=r"early_layers is not stored .* depth 4 has no official recipe"):
+        import_state_dict(sd, "official_beitv2")
+    assert import_state_dict(sd, "official_beitv2", overrides={"early_layers": 3}).model_config["early_layers"] == 3
+    from beitv2_jax.convert import cli as convert_cli
+
+    assert convert_cli.main(["--format", "official_beitv2", "--input", str(tmp_path / "with_args.pth"),
+                             "--output", str(tmp_path / "o")]) == 0
+    assert store.load_variables(str(tmp_path / "o"))[2]["early_layers"] == 2
+
+
 def test_official_beitv2_backbone_only_subset():
     variables = random_variables("beit_pretrain", SMALL_PRETRAIN, seed=5)
     sd = export_variables(variables, "official_beitv2", "beit_pretrain", SMALL_PRETRAIN)
@@ -378,7 +404,7 @@ def test_wrong_relative_position_index_is_an_error():
                           SMALL_PRETRAIN)
     sd["rel_pos_bias.relative_position_index"] = sd["rel_pos_bias.relative_position_index"][::-1].copy()
     with pytest.raises(ConversionError, match="is not the BEiT index"):
-        import_state_dict(sd, "official_beitv2")
+        import_state_dict(sd, "official_beitv2", overrides={"early_layers": 2})
 
 
 def test_export_reports_missing_and_unexpected_variables():

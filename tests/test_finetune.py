@@ -173,10 +173,13 @@ def test_official_pretraining_checkpoint_finetunes_like_timm_beit(tmp_path, imag
     our fine-tune model = timm Beit loaded the way the official fine-tuning script loads the checkpoint."""
     from timm.models.beit import Beit, checkpoint_filter_fn
 
+    import argparse
+
     sd = export_variables(random_variables("beit_pretrain", PRETRAIN_224, seed=1), "official_beitv2",
                           "beit_pretrain", PRETRAIN_224)
-    path = str(tmp_path / "beitv2_small_pt.pth")
-    torch_io.save_state_dict(path, sd, wrap="model")
+    path = str(tmp_path / "beitv2_small_pt.pth")  # as the official script saves it: weights + its args
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()},
+                "args": argparse.Namespace(early_layers=2, head_layers=2)}, path)
     pretrained = finetune.load_pretrained(path, "official_beitv2")
     assert pretrained.patch_aggregation and pretrained.config["rel_pos"] == "shared"
     cfg = finetune.finetune_vit_config(pretrained.config, image_size, num_classes=5, drop_path_rate=0.1)
@@ -219,6 +222,8 @@ def test_official_checkpoint_finetuned_at_384_matches_official_cubic_tables(tmp_
     path = str(tmp_path / "beitv2_small_pt.pth")
     torch_io.save_state_dict(path, sd, wrap="model")
     pretrained = finetune.load_pretrained(path, "official_beitv2")
+    # no args.early_layers and depth 3: the aggregation layers are left out (only the backbone is fine-tuned)
+    assert pretrained.patch_aggregation and "cls_pt_layers.0.norm1.weight" in pretrained.dropped
     cfg = finetune.finetune_vit_config(pretrained.config, 384, num_classes=5)
     init = fresh_params(cfg, 3)
     params, _ = finetune.adapt_pretrained(pretrained, cfg, init)  # default: official_cubic

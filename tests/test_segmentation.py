@@ -209,7 +209,7 @@ def nchw_to_nhwc(t):
 
 # ----------------------------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("size,patch,batch", [(512, 16, 1), (64, 8, 2)], ids=["512_patch16", "64_patch8"])
-def test_upernet_matches_official_recreation_eval(size, patch, batch):
+def test_upernet_matches_official_recreation_eval(size, patch, batch, tmp_path):
     """Eval mode (BN running stats): the 4 pyramid levels, both heads' logits and the logits resized to the image
     (mmseg encode_decode), after converting the torch state dict with ``official_beitv2_seg``."""
     torch.manual_seed(0)
@@ -239,6 +239,16 @@ def test_upernet_matches_official_recreation_eval(size, patch, batch):
     assert len(index) == depth and set(exported) - index == {k for k in sd if not k.endswith("num_batches_tracked")}
     for k in set(exported) - index:
         np.testing.assert_array_equal(exported[k], sd[k], err_msg=k)
+    if size == 64:  # the CLI on an mmcv checkpoint file ({'meta', 'state_dict'}) → a directory with both collections
+        from beitv2_jax.convert import cli, store
+
+        torch.save({"meta": {"iter": 160000}, "state_dict": ref.state_dict()}, tmp_path / "upernet.pth")
+        assert cli.main(["--format", "official_beitv2_seg", "--input", str(tmp_path / "upernet.pth"), "--output",
+                         str(tmp_path / "seg"), "--set", "out_indices=[0,1,2,3]"]) == 0
+        variables, kind, config = store.load_variables(str(tmp_path / "seg"))
+        assert kind == "segmentation" and sorted(variables) == ["batch_stats", "params"]
+        again = jax.jit(build_model(kind, config).apply)(variables, images)
+        np.testing.assert_array_equal(again["logits"], out["logits"])
 
 
 def test_upernet_training_mode_batch_statistics_match_official_recreation():

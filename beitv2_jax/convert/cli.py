@@ -23,9 +23,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
-FORMATS = ("official_beitv2", "official_finetune", "official_vqkd", "timm", "hf_beit", "openai_clip", "hf_clip",
-           "dino", "hf_vit")
-_OFFICIAL_WRAP = {"official_beitv2": "model", "official_finetune": "model", "official_vqkd": "model"}
+FORMATS = ("official_beitv2", "official_finetune", "official_vqkd", "official_beitv2_seg", "timm", "hf_beit",
+           "openai_clip", "hf_clip", "dino", "hf_vit")
+_OFFICIAL_WRAP = {"official_beitv2": "model", "official_finetune": "model", "official_vqkd": "model",
+                  "official_beitv2_seg": "state_dict"}  # mmcv save_checkpoint: {'meta', 'state_dict', ...}
 
 
 def _parse_value(text: str):
@@ -88,9 +89,10 @@ def run_import(args) -> int:
         raise _UsageError("--input is required (or pass --export --checkpoint DIR)")
     if os.path.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"output exists: {args.output} (pass --overwrite to replace it)")
-    state_dict, dropped = torch_io.load_state_dict(args.input, prefix=args.prefix, trust_pickle=args.trust_pickle)
+    state_dict, dropped, training_args = torch_io.load_checkpoint(args.input, prefix=args.prefix,
+                                                                 trust_pickle=args.trust_pickle)
     result = engine.import_state_dict(state_dict, args.format, overrides=_overrides(args.set),
-                                      hf_config=_hf_config(args))
+                                      hf_config=_hf_config(args), options=torch_io.layout_options(training_args))
     info = {"source": os.path.abspath(args.input), "format": args.format, "options": result.options,
             "ignored_keys": len(result.ignored) + len(dropped)}
     store.save_variables(args.output, result.variables, result.model_kind, result.model_config, info=info,

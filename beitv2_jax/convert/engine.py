@@ -205,9 +205,11 @@ def unknown_fields(config: Mapping[str, Any]) -> list:
     return unknown
 
 
-def infer_config(state_dict: Mapping[str, Any], fmt, hf_config: Optional[dict] = None) -> tuple:
+def infer_config(state_dict: Mapping[str, Any], fmt, hf_config: Optional[dict] = None,
+                 options: Optional[dict] = None) -> tuple:
     """``(model_kind, model_config, notes)`` read from a state dict in layout ``fmt`` (``notes`` say what
-    had to be assumed, e.g. heads when the checkpoint has no relative position table)."""
+    had to be assumed, e.g. heads when the checkpoint has no relative position table). Fields the layout cannot
+    tell are None (see :func:`unknown_fields`); the config is normalised only when there are none."""
     from beitv2_jax.convert import model_shapes
 
     layout = get_layout(fmt)
@@ -215,7 +217,8 @@ def infer_config(state_dict: Mapping[str, Any], fmt, hf_config: Optional[dict] =
     ignore = [re.compile(p) for p in layout.ignore]
     arrays = {k: v for k, v in arrays.items() if not any(p.search(k) for p in ignore)}
     notes = []
-    kind, config = layout.infer(arrays, layout.detect_options(arrays), hf_config, notes)
+    opts = dict(layout.detect_options(arrays), **(options or {}))
+    kind, config = layout.infer(arrays, opts, hf_config, notes)
     return kind, (config if unknown_fields(config) else model_shapes.normalize_config(kind, config)), notes
 
 

@@ -68,13 +68,31 @@ def _official_beitv2_infer(sd: Mapping, opts: Mapping, hf_config: Optional[Mappi
         return "vit", vit
     vit.update(use_final_norm=False, use_fc_norm=False, pooling="none")
     head_layers = len(S.block_indices(sd, "cls_pt_layers.{i}."))
-    if head_layers:
-        notes.append(f"early_layers is not stored in the checkpoint: assumed {max(1, vit['depth'] - 3)} "
-                     f"(depth - 3, as the official base/large recipes)")
     return "beit_pretrain", dict(
         backbone=vit, vocab_size=int(sd["lm_head.weight"].shape[0]),
         num_masked_patches=default_num_masked(vit["image_size"], vit["patch_size"]),
-        early_layers=max(1, vit["depth"] - 3), head_layers=head_layers)
+        early_layers=_official_early_layers(vit["depth"], head_layers, opts, notes), head_layers=head_layers)
+
+
+# The official recipes: base (12 blocks) --early_layers 9, large (24) 21 (reference §2.1).
+OFFICIAL_EARLY_LAYERS = {12: 9, 24: 21}
+
+
+def _official_early_layers(depth: int, head_layers: int, opts: Mapping, notes: list) -> Optional[int]:
+    """The block whose patch tokens feed the aggregation layers: the checkpoint's ``args.early_layers`` (option
+    ``early_layers``, see ``torch_io.layout_options``), else the official recipe for depth 12/24, else None (the
+    caller must give it: no guess for other depths). Without aggregation layers the value is unused."""
+    if "early_layers" in opts:
+        return int(opts["early_layers"])
+    if not head_layers:
+        return max(1, depth - 3)
+    if depth in OFFICIAL_EARLY_LAYERS:
+        notes.append(f"early_layers is not stored in the checkpoint: assumed {OFFICIAL_EARLY_LAYERS[depth]} "
+                     f"(the official recipe for depth {depth})")
+        return OFFICIAL_EARLY_LAYERS[depth]
+    notes.append(f"early_layers is not stored in the checkpoint (no args.early_layers) and depth {depth} has no "
+                 f"official recipe: give it (--set early_layers=N)")
+    return None
 
 
 register(Layout(

@@ -68,12 +68,39 @@ def strip_prefix(state_dict: Mapping, prefix: str) -> tuple:
     return kept, [k for k in state_dict if not k.startswith(prefix)]
 
 
+# Training arguments (the official scripts save ``args`` next to the weights) that layouts read as options because
+# the weights alone do not pin them down.
+LAYOUT_ARGS = ("early_layers",)
+
+
 def load_state_dict(path: str, prefix: Optional[str] = None, trust_pickle: bool = False) -> tuple:
-    """``(state_dict as numpy, dropped keys)``. DDP's ``module.`` prefix is removed when every key has it.
+    """``(state_dict as numpy, dropped keys)``; see :func:`load_checkpoint`."""
+    return load_checkpoint(path, prefix, trust_pickle)[:2]
+
+
+def layout_options(training_args: Mapping) -> dict:
+    """The ``LAYOUT_ARGS`` found in a checkpoint's training arguments, as conversion options."""
+    return {k: training_args[k] for k in LAYOUT_ARGS if training_args.get(k) is not None}
+
+
+def _training_args(checkpoint) -> dict:
+    """``vars(checkpoint['args'])`` of a training checkpoint (an ``argparse.Namespace`` or a dict), else {}."""
+    args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
+    if args is None:
+        return {}
+    args = args if isinstance(args, Mapping) else getattr(args, "__dict__", {})
+    return {k: v for k, v in args.items() if isinstance(v, (bool, int, float, str, type(None)))}
+
+
+def load_checkpoint(path: str, prefix: Optional[str] = None, trust_pickle: bool = False) -> tuple:
+    """``(state_dict as numpy, dropped keys, training args)``. DDP's ``module.`` prefix is removed when every key
+    has it. Training args: the scalar entries of the checkpoint's ``args`` (unilm scripts save their argparse
+    namespace there), {} when absent — :func:`layout_options` picks what a conversion needs.
 
     ``.pth`` files are read with ``torch.load(weights_only=True)``; ``trust_pickle=True`` allows arbitrary
     pickled objects (only for files you trust).
     """
+    training_args = {}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
     suffix = _suffix(path)
@@ -107,12 +134,13 @@ def load_state_dict(path: str, prefix: Optional[str] = None, trust_pickle: bool 
                                  f"if you trust the file, allow it with trust_pickle=True (CLI: --trust-pickle)")
         sd = {k: _tensor_to_numpy(v) if hasattr(v, "detach") else np.asarray(v)
               for k, v in unwrap(checkpoint).items()}
+        training_args = _training_args(checkpoint)
     dropped = []
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if prefix:
         sd, dropped = strip_prefix(sd, prefix)
-    return sd, dropped
+    return sd, dropped, training_args
 
 
 def save_state_dict(path: str, state_dict: Mapping[str, np.ndarray], wrap: Optional[str] = None) -> None:

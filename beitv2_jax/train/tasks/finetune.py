@@ -69,9 +69,20 @@ def load_pretrained(path: str, fmt: str = "") -> Pretrained:
         if not fmt:
             raise ValueError(f"{path} is a file: give its checkpoint layout (config.pretrained.format, one of "
                              f"{sorted(engine.LAYOUTS) or 'the convert formats'})")
-        state_dict, _ = torch_io.load_state_dict(path)
-        converted = engine.import_state_dict(state_dict, fmt)
+        state_dict, _, training_args = torch_io.load_checkpoint(path)
+        options = torch_io.layout_options(training_args)
+        _, inferred, _ = engine.infer_config(state_dict, fmt, options=options)
+        aggregation = []
+        if engine.unknown_fields(inferred) == ["early_layers"]:
+            # Only the backbone is used here: the aggregation layers, whose input block the checkpoint does not
+            # say (no args.early_layers, non-standard depth), are left out of the conversion.
+            aggregation = sorted(k for k in state_dict if k.startswith("cls_pt_layers."))
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("cls_pt_layers.")}
+        converted = engine.import_state_dict(state_dict, fmt, options=options)
         variables, kind, config = converted.variables, converted.model_kind, converted.model_config
+        if aggregation:
+            encoder = as_encoder(variables, kind, config)
+            return dataclasses.replace(encoder, patch_aggregation=True, dropped=encoder.dropped + aggregation)
     else:
         raise FileNotFoundError(f"pretrained checkpoint not found: {path!r}")
     return as_encoder(variables, kind, config)
