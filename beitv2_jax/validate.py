@@ -157,20 +157,20 @@ RANGES = {
 }
 
 
-def check_ranges(config: ConfigDict) -> None:
+def check_ranges(config: ConfigDict, path: str = "config") -> None:
     """The numbers of ``RANGES`` lie in their ranges (a negative lr or worker count, drop path >= 1, ...)."""
     for (section, key), (low, high, low_in, high_in) in RANGES.items():
         node = config.get(section) if section else config
         if not isinstance(node, ConfigDict) or node.get(key) is None or isinstance(node.get(key), bool):
             continue
-        value, name = node[key], f"config.{section + '.' if section else ''}{key}"
+        value, name = node[key], f"{path}.{section + '.' if section else ''}{key}"
         if not isinstance(value, (int, float)):
             continue  # wrong types are reported by check_keys
         ok = (value >= low if low_in else value > low) and (high is None or (value <= high if high_in else value < high))
         span = (f"{'[' if low_in else '('}{low}, {'∞)' if high is None else str(high) + (']' if high_in else ')')}")
         _require(ok, f"{name}={value!r} must be in {span}")
     _require(config.get("divergence_factor") in (None, 0, 0.0) or config.get("divergence_factor") > 1,
-             f"config.divergence_factor={config.get('divergence_factor')!r} must be 0 (off) or > 1")
+             f"{path}.divergence_factor={config.get('divergence_factor')!r} must be 0 (off) or > 1")
 
 
 def validate_data(data: ConfigDict, masking: bool = True) -> None:
@@ -341,8 +341,9 @@ def validate_dataset(config: ConfigDict, splits: tuple) -> None:
 def validate_stage(config: ConfigDict, task: str, parent: Optional[ConfigDict] = None) -> None:
     """Values of one training task's config (``parent``: the demo config whose data/mesh/batch it uses)."""
     run = parent or config
-    check_finite(config)
-    check_ranges(config)
+    path = f"config.{task}" if parent is not None else "config"
+    check_finite(config, path)
+    check_ranges(config, path)
     if parent is not None:
         check_finite(parent)
         check_ranges(parent)
