@@ -11,6 +11,7 @@ cannot be written or that is a file, and a checkpoint of another config end with
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 
@@ -55,6 +56,20 @@ def _override_path(key: str, argv) -> str:
     return key
 
 
+def _exit_now(line: str, code: int) -> None:
+    """Print ``line`` last and leave at once. After a failed save orbax's abandoned background writes go on logging
+    tracebacks, also during interpreter shutdown; logging is stopped (its handlers' locks held, so no record is
+    half-written around this line) and the process ends without the shutdown. What is kept is on disk already."""
+    import logging as std_logging
+
+    std_logging.disable(std_logging.CRITICAL)
+    for handler in std_logging.getLogger().handlers:
+        handler.acquire()
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    os._exit(code)
+
+
 def _explain_flag_error(error: BaseException, argv=()) -> str:
     """One line for a failure to load the config file or apply an override."""
     config_file = _config_file(argv)
@@ -96,8 +111,6 @@ def load_config() -> ml_collections.ConfigDict:
     if config is None:
         _die("--config is required, e.g. --config configs/demo.py")
     if not isinstance(config, ml_collections.ConfigDict):
-        import os
-
         filename = flags.FLAGS["config"].config_filename
         if not os.path.isfile(filename.split(":", 1)[0]):
             _die(f"config file {filename!r} does not exist (give a path such as configs/demo.py)")
@@ -119,7 +132,6 @@ class _QuietLibraries:
 
 def check_local_workdir(workdir: str) -> None:
     """A local ``--workdir`` must be a directory this process can write (created if missing)."""
-    import os
     import tempfile
 
     if "://" in workdir:
@@ -176,7 +188,7 @@ def run_reporting_outcome(config: ml_collections.ConfigDict, workdir: str) -> No
     except (validate.ConfigError, workdir_lock.WorkdirBusyError, checkpoint.IncompatibleCheckpointError) as e:
         _die(str(e))
     except (loop.NonFiniteError, checkpoint.CheckpointError, transforms.BadDataError) as e:
-        _die(str(e), code=1)
+        _exit_now(f"error: {' '.join(str(e).split())}", code=1)
 
 
 if __name__ == "__main__":

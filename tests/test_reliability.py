@@ -649,3 +649,49 @@ def test_prepare_folder_verifies_every_image_and_refuses_another_source(tmp_path
         with pytest.raises(SystemExit) as info:
             sources._main(["prepare-folder", "--data_dir", data_dir, *argv])
         assert info.value.code == 2
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 8 MiB tmpfs (needs root, as in CI; skipped where mounting is not allowed)."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_disk_full_mid_run_keeps_a_checkpoint_and_whole_metrics_rows(setup, reference, small_disk):
+    config = write_config(setup, "base")
+    workdir = str(small_disk / "run")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    filler = small_disk / "filler"
+    with open(os.path.join(str(setup[0]), "stderr_disk_full.txt"), "w+") as err:
+        proc = subprocess.Popen(main_command(config, workdir), cwd=REPO_ROOT, env=setup[1], stdout=subprocess.DEVNULL,
+                                stderr=err)
+        deadline = time.monotonic() + 240
+        while max(_new_steps(metrics, 0), default=0) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with open(filler, "wb") as f:  # fill the disk: every later write fails with ENOSPC
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+        code = proc.wait(timeout=240)
+        err.seek(0)
+        stderr = err.read()
+    assert code == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "No space left on device" in last and "is kept" in last, last
+    assert "Exception in thread" not in stderr  # the TensorBoard writer thread survives the full disk (no hang)
+    kept = checkpoint_steps(workdir)
+    assert kept and kept[-1] < TOTAL_STEPS
+    filler.unlink()
+    result = run_main(setup, config, workdir)  # space again: resume from the kept checkpoint
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(metrics, encoding="utf-8") as f:
+        assert all(json.loads(line) for line in f)  # no torn line glued to a later row
+    assert_same_run(reference, workdir)

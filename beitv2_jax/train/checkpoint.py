@@ -91,13 +91,18 @@ def make_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True) ->
 
 def wait(manager: ocp.CheckpointManager) -> bool:
     """Block until the pending (asynchronous) write is finished; ``False`` if it failed (reported)."""
+    return _wait_error(manager) is None
+
+
+def _wait_error(manager: ocp.CheckpointManager) -> Optional[Exception]:
+    """``wait``, returning the failure of the pending write (reported) or ``None``."""
     started = manager.latest_step()
     try:
         manager.wait_until_finished()
-        return True
+        return None
     except Exception as e:  # noqa: BLE001 - any failure of the background write is reported the same way
         _report_failure(manager, started, e)
-        return False
+        return e
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Optional[dict] = None,
@@ -120,9 +125,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Opti
             if required:
                 raise CheckpointError(_failure_message(manager, step, e)) from e
             return False
-    if required and not wait(manager):
-        raise CheckpointError(f"checkpoint step {step} could not be written (see the error above); the newest "
-                              f"complete checkpoint is step {manager.latest_step()}")
+    if required:
+        error = _wait_error(manager)
+        if error is not None:
+            raise CheckpointError(_failure_message(manager, step, error))
     return True
 
 

@@ -43,6 +43,26 @@ def repair_jsonl_tail(path: str) -> int:
     return size - keep
 
 
+def _guard_event_file(summary_writer, report) -> None:
+    """Make tensorboardX's background writer survive ``OSError`` (disk full): the event is dropped and ``report``
+    called, instead of the writer thread dying and later ``add_scalar`` calls blocking on its full queue forever."""
+    events = getattr(getattr(summary_writer._get_file_writer(), "event_writer", None), "_ev_writer", None)
+    if events is None:  # another tensorboardX layout: leave it as it is
+        return
+
+    def guarded(method):
+        def call(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except (OSError, ValueError) as e:  # ValueError: the file was closed by an earlier failed close
+                report(e)
+                return None
+        return call
+
+    for name in ("write_event", "flush", "close"):
+        setattr(events, name, guarded(getattr(events, name)))
+
+
 class MetricsWriter:
     """``write_scalars(step, {name: value})``, ``write_image(step, name, uint8 [H, W, 3])``; no-op off process 0."""
 
@@ -56,6 +76,8 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb_failed = False
+            _guard_event_file(self._tb, self._report_tensorboard_failure)
             path = os.path.join(workdir, "metrics.jsonl")
             removed = repair_jsonl_tail(path)
             if removed:
@@ -97,13 +119,18 @@ class MetricsWriter:
             pass  # repaired when the file is opened next (repair_jsonl_tail)
         self._jsonl = open(path, "a", encoding="utf-8")
 
+    def _report_tensorboard_failure(self, error: OSError) -> None:
+        if not self._tb_failed:
+            logging.error("TensorBoard events not written (%s); training goes on", error)
+        self._tb_failed = True
+
     def write_image(self, step: int, name: str, image: np.ndarray) -> None:
         if self.enabled:
             self._tb.add_image(name, np.asarray(image), step, dataformats="HWC")
 
     def close(self) -> None:
         if self.enabled:
-            self._tb.close()
+            self._tb.close()  # write failures are reported by _guard_event_file
             try:
                 self._jsonl.close()
             except OSError as e:
