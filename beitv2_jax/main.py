@@ -4,12 +4,14 @@ The config's ``task`` field picks the job (``vqkd``, ``pretrain``, ``demo``, ...
 ``beitv2_jax/train/tasks/<task>.py`` and exposes ``run(config, workdir)``. Bad flags (unknown override keys, a
 missing config file, values of the wrong type) and invalid configs (``validate.py``, checked before any compute) end
 the program with one line on stderr and exit code 2. SIGTERM saves a checkpoint at the next step and exits 0 (run
-the same command to resume); a run stopped by the non-finite guard, an unwritable final checkpoint or broken data
-exits 1 with one line.
+the same command to resume); a run stopped by the non-finite guard or the divergence detector, an unwritable final
+checkpoint or broken data exits 1 with one line. A workdir that another run holds (``train/workdir_lock.py``), that
+cannot be written or that is a file, and a checkpoint of another config end with one line and exit code 2.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 
@@ -34,13 +36,61 @@ def _die(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _explain_flag_error(error: BaseException) -> str:
-    text = str(error).strip().strip('"').strip("'")
-    match = re.search(r"'([^']+)'", str(error))
-    if isinstance(error, (AttributeError, KeyError)) and match:
-        return f"unknown config key {match.group(1)!r} in a --config.* override (check the spelling; " \
-               f"`--config.<section>.<key>=value` must name an existing key of the config file)"
-    return text
+def _config_file(argv) -> str:
+    """The ``--config`` value in ``argv`` (for messages)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "?"
+
+
+def _override_path(key: str, argv) -> str:
+    """The dotted path of the ``--config.*`` override that names ``key`` (``key`` itself if none does)."""
+    for arg in argv:
+        if arg.startswith("--config."):
+            path = arg[len("--config."):].split("=", 1)[0]
+            if key in path.split("."):
+                return path
+    return key
+
+
+def _exit_now(line: str, code: int) -> None:
+    """Print ``line`` last and leave at once. After a failed save orbax's abandoned background writes go on logging
+    tracebacks, also during interpreter shutdown; logging is stopped (its handlers' locks held, so no record is
+    half-written around this line) and the process ends without the shutdown. What is kept is on disk already."""
+    import logging as std_logging
+
+    std_logging.disable(std_logging.CRITICAL)
+    for handler in std_logging.getLogger().handlers:
+        handler.acquire()
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+def _explain_flag_error(error: BaseException, argv=()) -> str:
+    """One line for a failure to load the config file or apply an override."""
+    config_file = _config_file(argv)
+    text = str(error)
+    if isinstance(error, SyntaxError):
+        return f"cannot load config file {config_file!r}: {error.msg} (line {error.lineno})"
+    if "has no attribute 'get_config'" in text:
+        return f"config file {config_file!r} has no get_config() function returning an ml_collections.ConfigDict"
+    if "Error whilst parsing config file" in text:  # get_config() raised: its last traceback line says what
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        return f"cannot load config file {config_file!r}: get_config() raised {lines[-1] if lines else text}"
+    if isinstance(error, (AttributeError, KeyError)):
+        unescaped = text.replace("\\n", "\n").replace("\\'", "'")
+        key = re.search(r"[A-Za-z_][A-Za-z0-9_]*", unescaped)
+        hint = re.search(r'Did you mean "([^"]+)"', unescaped)
+        if key:
+            path = _override_path(key.group(0), argv)
+            suggestion = f' (did you mean "{hint.group(1)}"?)' if hint else ""
+            return (f"unknown config key 'config.{path}' in --config.{path}{suggestion}; an override must name an "
+                    f"existing key of the config file")
+    return " ".join(text.split())
 
 
 def parse_flags(argv):
@@ -48,10 +98,11 @@ def parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        _die(_explain_flag_error(e.__cause__ or e) if isinstance(e.__cause__, (AttributeError, KeyError))
-             else str(e))
-    except (AttributeError, KeyError, ValueError, TypeError) as e:
-        _die(_explain_flag_error(e))
+        cause = e.__cause__ or e.__context__
+        _die(_explain_flag_error(cause, argv) if isinstance(cause, (AttributeError, KeyError, SyntaxError))
+             or "Error whilst parsing config file" in str(e) else str(e))
+    except Exception as e:  # noqa: BLE001 - a broken config file can raise anything while it is imported
+        _die(_explain_flag_error(e, argv))
 
 
 def load_config() -> ml_collections.ConfigDict:
@@ -60,10 +111,13 @@ def load_config() -> ml_collections.ConfigDict:
     if config is None:
         _die("--config is required, e.g. --config configs/demo.py")
     if not isinstance(config, ml_collections.ConfigDict):
+        filename = flags.FLAGS["config"].config_filename
+        if not os.path.isfile(filename.split(":", 1)[0]):
+            _die(f"config file {filename!r} does not exist (give a path such as configs/demo.py)")
         try:
             config.task  # an _ErrorConfig re-raises the loading error here
         except Exception as e:  # noqa: BLE001 - any loading failure gets the same one-line treatment
-            _die(f"cannot load config file {flags.FLAGS['config'].config_filename!r}: {e}")
+            _die(f"cannot load config file {filename!r}: {' '.join(str(e).split())}")
         _die(f"config file did not return an ml_collections.ConfigDict: {type(config).__name__}")
     return config
 
@@ -74,6 +128,22 @@ class _QuietLibraries:
     def filter(self, record) -> bool:
         noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "/jax/", "/jaxlib/", "/tensorflow_datasets/"))
         return record.levelno >= 30 or not noisy
+
+
+def check_local_workdir(workdir: str) -> None:
+    """A local ``--workdir`` must be a directory this process can write (created if missing)."""
+    import tempfile
+
+    if "://" in workdir:
+        return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        _die(f"--workdir {workdir} is a file, not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        _die(f"--workdir {workdir} cannot be written ({e.strerror or e})")
 
 
 def run_task(config: ml_collections.ConfigDict, workdir: str):
@@ -90,6 +160,7 @@ def main(argv):
     config = load_config()
     if not FLAGS.workdir:
         _die("--workdir is required")
+    check_local_workdir(FLAGS.workdir)
     from beitv2_jax import distributed
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -107,17 +178,17 @@ def run_reporting_outcome(config: ml_collections.ConfigDict, workdir: str) -> No
     """Run the task; a preemption stop exits 0, known failures end with one line on stderr and exit code 1."""
     from beitv2_jax import validate
     from beitv2_jax.data import transforms
-    from beitv2_jax.train import checkpoint, loop
+    from beitv2_jax.train import checkpoint, loop, workdir_lock
 
     try:
         run_task(config, workdir)
     except loop.Preempted as e:
         logging.warning("%s", e)
         sys.exit(0)
-    except validate.ConfigError as e:
+    except (validate.ConfigError, workdir_lock.WorkdirBusyError, checkpoint.IncompatibleCheckpointError) as e:
         _die(str(e))
     except (loop.NonFiniteError, checkpoint.CheckpointError, transforms.BadDataError) as e:
-        _die(str(e), code=1)
+        _exit_now(f"error: {' '.join(str(e).split())}", code=1)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ def base_run(task: str) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.max_bad_steps = 10  # consecutive non-finite steps before the run stops
+    c.divergence_factor = 10.0  # stop when a step loss exceeds this × the running median of recent ones; 0 = off
     c.allow_config_change = False  # resume a workdir whose config.json differs
     return c
 

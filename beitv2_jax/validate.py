@@ -24,7 +24,7 @@ OPTIONAL_KEYS = {
 }
 # Keys that may change between the runs of one workdir (they do not change the results).
 OPERATIONAL_KEYS = frozenset({"allow_config_change", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                              "max_bad_steps", "inject_nan_steps", "num_workers", "read_threads", "prefetch_batches"})
+                              "max_bad_steps", "divergence_factor", "inject_nan_steps", "num_workers", "read_threads", "prefetch_batches"})
 DTYPES = ("float32", "bfloat16")
 INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest")
 TEACHER_KINDS = ("clip", "dino", "vit_checkpoint")
@@ -128,6 +128,49 @@ def _positive_int(config, key: str, path: str = "config") -> None:
 def _one_of(config, key: str, allowed: tuple, path: str = "config") -> None:
     value = config.get(key)
     _require(value in allowed, f"{path}.{key} must be one of {allowed}, got {value!r}")
+
+
+def check_finite(config: ConfigDict, path: str = "config") -> None:
+    """No float anywhere in ``config`` is NaN or infinite (``--config.optim.lr=nan`` trains into NaN parameters)."""
+    import math
+
+    for key in config.keys():
+        value = config[key]
+        if isinstance(value, ConfigDict):
+            check_finite(value, f"{path}.{key}")
+        elif isinstance(value, float):
+            _require(math.isfinite(value), f"{path}.{key} must be a finite number, got {value!r}")
+
+
+# (section, key) → (low, high, low_inclusive, high_inclusive); only checked where the key exists.
+RANGES = {
+    ("optim", "lr"): (0.0, None, False, True), ("optim", "min_lr"): (0.0, None, True, True),
+    ("optim", "warmup_epochs"): (0.0, None, True, True), ("optim", "warmup_steps"): (0.0, None, True, True),
+    ("optim", "weight_decay"): (0.0, None, True, True), ("optim", "weight_decay_end"): (0.0, None, True, True),
+    ("optim", "b1"): (0.0, 1.0, True, False), ("optim", "b2"): (0.0, 1.0, True, False),
+    ("optim", "eps"): (0.0, None, False, True), ("optim", "clip_grad"): (0.0, None, True, True),
+    ("optim", "layer_decay"): (0.0, 1.0, False, True), ("optim", "momentum"): (0.0, 1.0, True, False),
+    ("model", "drop_path_rate"): (0.0, 1.0, True, False), ("model", "layer_scale_init"): (0.0, None, True, True),
+    ("data", "num_workers"): (0, None, True, True), ("data", "read_threads"): (1, None, True, True),
+    ("data", "prefetch_batches"): (1, None, True, True), ("data", "color_jitter"): (0.0, None, True, True),
+    ("", "divergence_factor"): (0.0, None, True, True), ("", "num_epochs"): (0, None, False, True),
+}
+
+
+def check_ranges(config: ConfigDict, path: str = "config") -> None:
+    """The numbers of ``RANGES`` lie in their ranges (a negative lr or worker count, drop path >= 1, ...)."""
+    for (section, key), (low, high, low_in, high_in) in RANGES.items():
+        node = config.get(section) if section else config
+        if not isinstance(node, ConfigDict) or node.get(key) is None or isinstance(node.get(key), bool):
+            continue
+        value, name = node[key], f"{path}.{section + '.' if section else ''}{key}"
+        if not isinstance(value, (int, float)):
+            continue  # wrong types are reported by check_keys
+        ok = (value >= low if low_in else value > low) and (high is None or (value <= high if high_in else value < high))
+        span = (f"{'[' if low_in else '('}{low}, {'∞)' if high is None else str(high) + (']' if high_in else ')')}")
+        _require(ok, f"{name}={value!r} must be in {span}")
+    _require(config.get("divergence_factor") in (None, 0, 0.0) or config.get("divergence_factor") > 1,
+             f"{path}.divergence_factor={config.get('divergence_factor')!r} must be 0 (off) or > 1")
 
 
 def validate_data(data: ConfigDict, masking: bool = True) -> None:
@@ -298,6 +341,12 @@ def validate_dataset(config: ConfigDict, splits: tuple) -> None:
 def validate_stage(config: ConfigDict, task: str, parent: Optional[ConfigDict] = None) -> None:
     """Values of one training task's config (``parent``: the demo config whose data/mesh/batch it uses)."""
     run = parent or config
+    path = f"config.{task}" if parent is not None else "config"
+    check_finite(config, path)
+    check_ranges(config, path)
+    if parent is not None:
+        check_finite(parent)
+        check_ranges(parent)
     validate_data(run.data, masking=task in ("pretrain", "demo"))
     validate_batch(run)
     validate_run_settings(config)

@@ -243,21 +243,13 @@ def test_injected_nan_is_skipped_counted_and_too_many_stop_the_run(setup):
     assert rows[3]["nonfinite"] == 1.0 and math.isnan(rows[3]["loss"])
     assert rows[4]["nonfinite"] == 0.0 and rows[4]["nonfinite_steps"] == 1.0 and math.isfinite(rows[4]["loss"])
     assert rows[8]["nonfinite_steps"] == 3.0
-    # Step 3 changed nothing but the step counter and the bad-step count.
-    before, poisoned, after = (checkpoint_state(workdir, s) for s in (2, 3, 4))
-    for key in ("params", "opt_state", "rng"):
-        for a, b in zip(jax.tree.leaves(before[key]), jax.tree.leaves(poisoned[key])):
-            np.testing.assert_array_equal(a, b)
-    assert int(poisoned["step"]) == 3 and int(poisoned["extra"]["bad_steps"]) == 1
+    # No checkpoint is written while a streak of skipped steps is open (3 and 7), and the run stopped at step 8
+    # (2nd bad step in a row) without saving it; the newest checkpoint holds good parameters.
+    assert checkpoint_steps(workdir) == [1, 2, 4, 5, 6]
+    after = checkpoint_state(workdir, 4)
     assert int(after["extra"]["bad_steps"]) == 0
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(poisoned["params"]),
-                                                        jax.tree.leaves(after["params"])))
-    # Stopped at step 8 (2nd bad step in a row) without saving it; the newest checkpoint holds good parameters.
-    assert checkpoint_steps(workdir)[-1] == 7
-    good, latest = checkpoint_state(workdir, 6), checkpoint_state(workdir, 7)
-    for a, b in zip(jax.tree.leaves(good["params"]), jax.tree.leaves(latest["params"])):
-        np.testing.assert_array_equal(a, b)
-        assert np.isfinite(b).all()
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(checkpoint_state(workdir, 6)["params"]))
+    assert "the newest checkpoint, step 6 in" in last_line
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,7 +333,9 @@ def test_corrupt_and_odd_images_train_and_skips_are_counted(setup, tmp_path):
     for name, data in odd_images().items():
         (src / name).write_bytes(data)
     data_dir = str(tmp_path / "tfds")
-    sources.prepare_image_folder(str(tmp_path / "images"), data_dir, name="odd_images")
+    # verify=False: the corrupt files reach training, which replaces and counts them (prepare-time verification,
+    # the default, would leave them out: test_prepare_folder_verifies_every_image)
+    sources.prepare_image_folder(str(tmp_path / "images"), data_dir, name="odd_images", verify=False)
     config = write_config(setup, "odd", data__dataset="odd_images", data__data_dir=data_dir, steps_per_epoch=2,
                           num_epochs=1)  # 16 images, batch 8: one pass over the data
     workdir = str(tmp_path / "odd")
@@ -421,3 +415,283 @@ def test_failed_save_keeps_the_previous_checkpoint_and_reports(tmp_path, caplog,
     monkeypatch.undo()
     assert ckpt_lib.save(manager, 4, _tree(4), required=True)
     assert checkpoint_steps(str(tmp_path)) == [4]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue #17: silent corruption, divergence, double starts, full disks, orphans, incompatible configs, prepare-folder.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _flip_bytes_in_largest_file(step_dir, count: int = 64) -> str:
+    """Invert ``count`` bytes in the middle of the largest file under ``step_dir`` (size unchanged)."""
+    files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
+    path = max(files, key=os.path.getsize)
+    middle = os.path.getsize(path) // 2
+    with open(path, "r+b") as f:
+        f.seek(middle)
+        data = f.read(count)
+        f.seek(middle)
+        f.write(bytes(255 - b for b in data))
+    return path
+
+
+def test_checkpoint_with_flipped_bytes_is_detected_by_its_digest(tmp_path, caplog):
+    manager = ckpt_lib.make_manager(str(tmp_path))
+    rng = np.random.default_rng(0)
+    trees = {s: {"w": jnp.asarray(rng.standard_normal((64, 256)), jnp.float32), "b": jnp.arange(50.0) + s}
+             for s in (1, 2)}
+    for step, tree in trees.items():
+        assert ckpt_lib.save(manager, step, tree, {"iterator": {"n": step}}, required=True)
+    _flip_bytes_in_largest_file(tmp_path / "checkpoints" / "2")
+    with ocp.StandardCheckpointer() as checkpointer:  # the array store itself reads the changed bytes silently
+        silent = checkpointer.restore(str(tmp_path / "checkpoints" / "2" / "state"))
+    assert not np.array_equal(silent["w"], trees[2]["w"])
+    with caplog.at_level(logging.WARNING):
+        state, data, step = ckpt_lib.restore_latest(ckpt_lib.make_manager(str(tmp_path)), trees[1])
+    assert step == 1 and data == {"iterator": {"n": 1}}
+    np.testing.assert_array_equal(state["w"], trees[1]["w"])
+    assert "the data of array w does not match the digest" in caplog.text
+    assert (tmp_path / "checkpoints_unreadable" / "2").is_dir()
+
+
+def test_digest_changes_with_any_single_bit():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal(1000), jnp.float32)
+    base = ckpt_lib.state_digest({"x": x, "k": jnp.arange(3, dtype=jnp.uint32), "h": x.astype(jnp.bfloat16)})
+    bits = np.asarray(x).view(np.uint32).copy()
+    for index, bit in ((0, 0), (517, 31), (999, 13)):
+        flipped = bits.copy()
+        flipped[index] ^= np.uint32(1 << bit)
+        changed = ckpt_lib.state_digest({"x": jnp.asarray(flipped.view(np.float32)), "k": jnp.arange(3, dtype=jnp.uint32),
+                                         "h": x.astype(jnp.bfloat16)})
+        assert changed["x"] != base["x"] and changed["k"] == base["k"]
+
+
+def test_flipped_bytes_in_newest_checkpoint_resume_from_the_previous_bit_exact(setup, reference):
+    config = write_config(setup, "base")
+    workdir = str(setup[0] / "flipped")
+    code, stderr = start_and_signal(setup, config, workdir, 6, signal.SIGKILL)
+    assert code == -signal.SIGKILL, stderr[-2000:]
+    newest = checkpoint_steps(workdir)[-1]
+    _flip_bytes_in_largest_file(os.path.join(workdir, "checkpoints", str(newest), "state"))
+    result = run_main(setup, config, workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"checkpoint step {newest}" in result.stderr and "does not match the digest" in result.stderr
+    assert os.path.isdir(os.path.join(workdir, "checkpoints_unreadable", str(newest)))
+    ref, got = final_params(reference), final_params(workdir)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_divergence_stops_before_saving_and_names_the_good_checkpoint(setup):
+    config = write_config(setup, "diverge", optim__lr=1e3)  # the loss goes 7 → 9e5 at step 3 (then 8e9, NaN)
+    workdir = str(setup[0] / "diverge")
+    result = run_main(setup, config, workdir)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the loss diverged at step 3") and "config.divergence_factor=10" in last
+    assert f"the newest checkpoint, step 2 in {workdir}/checkpoints, was written before it" in last
+    assert checkpoint_steps(workdir) == [1, 2]
+    assert not os.path.exists(os.path.join(workdir, "model"))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(checkpoint_state(workdir, 2)["params"]))
+
+
+def test_update_that_makes_parameters_non_finite_is_skipped():
+    import optax
+
+    from beitv2_jax.models import vit
+    from beitv2_jax.train import state as state_lib
+    from beitv2_jax.train.tasks import finetune
+
+    model = vit.VisionTransformer(image_size=8, patch_size=4, width=8, depth=1, num_heads=2, num_classes=3)
+    params = flax.linen.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"])
+    tx = optax.adamw(learning_rate=float("nan"))  # finite loss and gradients, NaN parameters after the update
+    state = state_lib.create(params, tx, extra={"bad_steps": jnp.zeros((), jnp.int32)})
+    mixup = finetune.augment.Mixup(num_classes=3, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
+    step = jax.jit(finetune.make_train_step(model, tx, lambda s: 0.0, mixup))
+    batch = {"image": jnp.ones((2, 8, 8, 3)), "label": jnp.array([0, 2])}
+    new, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite"]) == 1.0
+    assert int(new.step) == 1 and int(new.extra["bad_steps"]) == 1
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_second_run_on_the_same_workdir_is_refused_and_the_first_finishes(setup, reference):
+    config = write_config(setup, "base")
+    workdir = str(setup[0] / "double")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    with open(os.path.join(str(setup[0]), "stderr_double_first.txt"), "w+") as err:
+        first = subprocess.Popen(main_command(config, workdir), cwd=REPO_ROOT, env=setup[1],
+                                 stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 240
+        while not _new_steps(metrics, 0) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = run_main(setup, config, workdir)
+        assert first.wait(timeout=240) == 0
+    assert second.returncode == 2, second.stderr[-3000:]
+    lines = second.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: --workdir {workdir} is in use by another run (pid {first.pid} on ")
+    assert "Traceback" not in second.stderr
+    assert_same_run(reference, workdir)
+    assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
+
+
+def test_metrics_rows_stay_whole_when_the_disk_is_full(tmp_path, caplog):
+    from beitv2_jax.train import metrics as metrics_lib
+
+    writer = metrics_lib.MetricsWriter(str(tmp_path), enabled=True)
+    writer.write_scalars(1, {"loss": 1.0})
+    real = writer._jsonl
+
+    class FullDisk:  # writes half of what it is given to the file, then fails like a full disk
+        name = real.name
+
+        def __init__(self):
+            self.file = real
+
+        def tell(self):
+            return self.file.tell()
+
+        def write(self, text):
+            self.file.write(text[: len(text) // 2])
+            self.file.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            self.file.flush()
+
+        def close(self):
+            self.file.close()
+
+    writer._jsonl = FullDisk()
+    with caplog.at_level(logging.ERROR):
+        writer.write_scalars(2, {"loss": 2.0})
+    assert "metrics row of step 2 not written" in caplog.text and "No space left" in caplog.text
+    writer.write_scalars(3, {"loss": 3.0})
+    writer.close()
+    assert [r["step"] for r in metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 3]
+    # A torn last line (a process killed mid-write) is cut when the file is opened again.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    writer = metrics_lib.MetricsWriter(str(tmp_path), enabled=True)
+    writer.write_scalars(4, {"loss": 4.0})
+    writer.close()
+    assert [r["step"] for r in metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 3, 4]
+
+
+def _processes_with(tag: str) -> list:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if tag.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_sigkill_with_two_workers_leaves_no_orphans(setup):
+    tag = f"BEITV2_ORPHAN_TEST={os.getpid()}"
+    config = write_config(setup, "workers", data__num_workers=2)
+    workdir = str(setup[0] / "workers")
+    env = dict(setup[1], BEITV2_ORPHAN_TEST=str(os.getpid()))
+    code, stderr = start_and_signal((setup[0], env, setup[2]), config, workdir, 2, signal.SIGKILL)
+    assert code == -signal.SIGKILL, stderr[-2000:]
+    deadline = time.monotonic() + 10
+    while _processes_with(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(tag) == []
+
+
+def test_incompatible_config_change_is_named_and_leaves_config_json(setup, reference, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "changed")
+    shutil.copytree(reference, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        before = f.read()
+    changed = write_config(setup, "wider", model__width=32, allow_config_change=True)
+    result = run_main(setup, changed, workdir)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint step 12 in ") and "does not fit this config: params/" in last
+    assert "(16,) there and (32,) in the model" in last or "16" in last
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert f.read() == before
+    assert checkpoint_steps(workdir) == checkpoint_steps(reference)  # nothing moved aside
+    result = run_main(setup, write_config(setup, "base"), workdir)  # the original command still runs
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_prepare_folder_verifies_every_image_and_refuses_another_source(tmp_path):
+    src, other = tmp_path / "images" / "things", tmp_path / "other" / "stuff"
+    src.mkdir(parents=True)
+    other.mkdir(parents=True)
+    for name, data in odd_images().items():
+        (src / name).write_bytes(data)
+    (other / "one.png").write_bytes(odd_images()["rgb.png"])
+    data_dir = str(tmp_path / "tfds")
+    sources.prepare_image_folder(str(tmp_path / "images"), data_dir, name="odd")
+    record = sources.preparation_record("odd", data_dir)
+    assert record["num_bad_images"] == 3 and sorted(record["bad_images"]) == sorted(f"things/{n}" for n in CORRUPT)
+    assert len(sources.open_source("odd", "train", data_dir)) == len(odd_images()) - 3
+    with pytest.raises(ValueError, match="was prepared from .*images, not .*other; pass --overwrite"):
+        sources.prepare_image_folder(str(tmp_path / "other"), data_dir, name="odd")
+    sources.prepare_image_folder(str(tmp_path / "other"), data_dir, name="odd", overwrite=True)
+    assert len(sources.open_source("odd", "train", data_dir)) == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No class sub-folders"):  # a failed preparation leaves no lock behind
+        sources.prepare_image_folder(str(tmp_path / "empty"), data_dir, name="empty")
+    assert not [n for n in os.listdir(data_dir) if n.endswith(".lock")]
+    for argv, message in ((["--src", str(tmp_path / "nope")], "is not a folder"),
+                          (["--src", str(tmp_path / "images"), "--name", "Bad-Name"], "must match")):
+        with pytest.raises(SystemExit) as info:
+            sources._main(["prepare-folder", "--data_dir", data_dir, *argv])
+        assert info.value.code == 2
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 8 MiB tmpfs (needs root, as in CI; skipped where mounting is not allowed)."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_disk_full_mid_run_keeps_a_checkpoint_and_whole_metrics_rows(setup, reference, small_disk):
+    config = write_config(setup, "base")
+    workdir = str(small_disk / "run")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    filler = small_disk / "filler"
+    with open(os.path.join(str(setup[0]), "stderr_disk_full.txt"), "w+") as err:
+        proc = subprocess.Popen(main_command(config, workdir), cwd=REPO_ROOT, env=setup[1], stdout=subprocess.DEVNULL,
+                                stderr=err)
+        deadline = time.monotonic() + 240
+        while max(_new_steps(metrics, 0), default=0) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with open(filler, "wb") as f:  # fill the disk: every later write fails with ENOSPC
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+        code = proc.wait(timeout=240)
+        err.seek(0)
+        stderr = err.read()
+    assert code == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "No space left on device" in last and "is kept" in last, last
+    assert "Exception in thread" not in stderr  # the TensorBoard writer thread survives the full disk (no hang)
+    kept = checkpoint_steps(workdir)
+    assert kept and kept[-1] < TOTAL_STEPS
+    filler.unlink()
+    result = run_main(setup, config, workdir)  # space again: resume from the kept checkpoint
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(metrics, encoding="utf-8") as f:
+        assert all(json.loads(line) for line in f)  # no torn line glued to a later row
+    assert_same_run(reference, workdir)

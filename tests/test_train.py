@@ -115,7 +115,7 @@ def _run_main(*args, timeout=300):
 def test_cli_unknown_key_and_missing_file(tmp_path):
     r = _run_main("--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.nonexistent=1")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'nonexistent'")
+    assert r.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'config.nonexistent'")
     assert "Traceback" not in r.stderr
     r = _run_main("--config", "configs/no_such_file.py", "--workdir", str(tmp_path))
     assert r.returncode == 2 and "no_such_file.py" in r.stderr and "Traceback" not in r.stderr

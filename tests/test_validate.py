@@ -216,3 +216,63 @@ def test_cli_gives_one_line_for_a_config_file_with_a_typo(config, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: unknown config key 'config.max_bad_step'") and "max_bad_steps" in last
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("optim.lr", float("nan"), "config.optim.lr must be a finite number, got nan"),
+    ("optim.lr", -1.0, "config.optim.lr=-1.0 must be in (0.0, ∞)"),
+    ("optim.warmup_epochs", -1, "config.optim.warmup_epochs=-1 must be in [0.0, ∞)"),
+    ("optim.b2", 1.0, "config.optim.b2=1.0 must be in [0.0, 1.0)"),
+    ("model.drop_path_rate", 2.0, "config.model.drop_path_rate=2.0 must be in [0.0, 1.0)"),
+    ("data.num_workers", -1, "config.data.num_workers=-1 must be in [0, ∞)"),
+    ("divergence_factor", 0.5, "config.divergence_factor=0.5 must be 0 (off) or > 1"),
+])
+def test_values_out_of_range_are_refused_with_the_key(config, path, value, message):
+    section, _, key = path.rpartition(".")
+    (config[section] if section else config)[key] = value
+    assert error_of(config) == message
+
+
+def test_demo_stage_values_are_checked(demo_data_dir):
+    demo = load_config_file("demo")
+    demo.data.data_dir = demo_data_dir
+    demo.vqkd.optim.lr = float("inf")
+    assert error_of(demo) == "config.vqkd.optim.lr must be a finite number, got inf"
+
+
+def _cli(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "beitv2_jax.main", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["syntax", "raises", "no_get_config", "misspelled", "workdir_file", "read_only"])
+def test_cli_one_line_for_broken_config_files_keys_and_workdirs(tmp_path, case):
+    files = {"syntax": "def get_config(:\n", "raises": "def get_config():\n    raise ValueError('boom')\n",
+             "no_get_config": "X = 1\n"}
+    config, workdir, extra = os.path.join(REPO_ROOT, "configs", "knn.py"), str(tmp_path / "run"), []
+    if case in files:
+        config = str(tmp_path / f"{case}.py")
+        with open(config, "w") as f:
+            f.write(files[case])
+    expected = {
+        "syntax": f"error: cannot load config file '{config}': invalid syntax (line 1)",
+        "raises": f"error: cannot load config file '{config}': get_config() raised ValueError: boom",
+        "no_get_config": f"error: config file '{config}' has no get_config() function",
+        "misspelled": "error: unknown config key 'config.data.datset' in --config.data.datset (did you mean "
+                      "\"dataset\"?)",
+        "workdir_file": f"error: --workdir {tmp_path / 'afile'} is a file, not a directory",
+        "read_only": "error: --workdir /proc/1 cannot be written",
+    }[case]
+    if case == "misspelled":
+        extra = ["--config.data.datset=x"]
+    elif case == "workdir_file":
+        workdir = str(tmp_path / "afile")
+        open(workdir, "w").close()
+    elif case == "read_only":
+        workdir = "/proc/1"  # a directory nobody may create files in, not even root
+    result = _cli("--config", config, "--workdir", workdir, *extra)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0].startswith(expected), result.stderr

@@ -7,7 +7,11 @@ prefetch worker processes, and resumable exactly from ``iterator.get_state()``.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import threading
+import time
 from typing import Any
 
 from absl import flags
@@ -54,6 +58,32 @@ def _ensure_absl_flags_parsed() -> None:
     """grain's ``mp_prefetch`` reads an absl flag; outside ``absl.app.run`` mark flags as parsed."""
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # the pid now belongs to another user's process
+        return False
+    return True
+
+
+def _exit_with_parent(training_pid: int, worker_index: int, worker_count: int) -> None:
+    """grain worker start-up: a daemon thread ends this worker (within ~0.5 s) once the training process is gone;
+    killed with SIGKILL, it cannot stop its workers, which would otherwise live on holding memory. Checked both ways:
+    this worker was re-parented (its parent exited) or the training process no longer exists."""
+    del worker_index, worker_count
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent or not _process_alive(training_pid):
+                os._exit(0)  # pylint: disable=protected-access  (nothing to clean up: the consumer is gone)
+
+    threading.Thread(target=watch, name='exit-with-parent', daemon=True).start()
 
 
 def make_dataset(source, *, transform, global_batch_size: int, process_index: int,
@@ -119,7 +149,8 @@ def make_dataset(source, *, transform, global_batch_size: int, process_index: in
     iter_ds = ds.to_iter_dataset(read_options)
     if num_workers > 0:
         _ensure_absl_flags_parsed()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                                  worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
     return iter_ds
 
 

@@ -17,14 +17,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import os
 import re
+import shutil
+import sys
 import tempfile
 import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 import tensorflow_datasets as tfds
 
 DEMO_NAME = 'beitv2_demo'
@@ -35,6 +39,7 @@ DEMO_CLASSES = ('circle', 'square', 'triangle', 'cross', 'ring', 'stripes_h', 's
 DEMO_SPLIT_SIZES = {'train': 5000, 'test': 1000}
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 _SPLIT_DIR_NAMES = ('train', 'val', 'validation', 'test')
+MAX_NAMED_BAD_IMAGES = 10
 _DEMO_SEED = 20240717
 _DEMO_CHUNK = 500
 
@@ -49,15 +54,18 @@ def _resolve(data_dir: str | os.PathLike | None) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    """Exclusive inter-process lock on ``path`` (created if missing), released on exit."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'a') as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+def _file_lock(directory: str) -> Iterator[None]:
+    """Exclusive inter-process lock on the directory ``directory`` itself (created if missing), released on exit.
+
+    Locking the directory's own descriptor leaves no lock file behind, whatever happens to the process.
+    """
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _prepare(builder: tfds.core.DatasetBuilder) -> None:
@@ -218,7 +226,7 @@ def ensure_demo_dataset(data_dir: str | os.PathLike | None = None) -> None:
     data_dir = _resolve(data_dir)
     if Beitv2Demo(data_dir=data_dir).is_prepared():  # no lock needed (works on read-only dirs)
         return
-    with _file_lock(os.path.join(data_dir, f'.{DEMO_NAME}.lock')):
+    with _file_lock(data_dir):
         builder = Beitv2Demo(data_dir=data_dir, file_format='array_record')
         if not builder.is_prepared():
             _prepare(builder)
@@ -276,9 +284,11 @@ class Beitv2ImageFolder(_LocalBuilder, skip_registration=True):
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
-    def __init__(self, *, src_dir: str, **kwargs):
+    def __init__(self, *, src_dir: str, verify: bool = True, **kwargs):
         self._src_dir = os.path.expanduser(src_dir)
         self._class_names, self._splits = scan_image_folder(self._src_dir)
+        self._verify = verify
+        self.bad_images: list[str] = []  # files skipped because they cannot be decoded (with verify)
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -297,10 +307,19 @@ class Beitv2ImageFolder(_LocalBuilder, skip_registration=True):
         return {split: self._generate_examples(items) for split, items in self._splits.items()}
 
     def _generate_examples(self, items: list[tuple[str, int]]):
+        from beitv2_jax.data import transforms  # pylint: disable=g-import-not-at-top  (transforms imports PIL)
+
         for path, label in items:
             rel = os.path.relpath(path, self._src_dir)
             with open(path, 'rb') as f:
-                yield rel, {'image': f.read(), 'label': label, 'file_name': rel}
+                data = f.read()
+            if self._verify:
+                try:
+                    transforms.decode_image(data)
+                except transforms.UndecodableImageError:
+                    self.bad_images.append(rel)
+                    continue
+            yield rel, {'image': data, 'label': label, 'file_name': rel}
 
 
 def _folder_builder_class(name: str) -> type[Beitv2ImageFolder]:
@@ -309,24 +328,56 @@ def _folder_builder_class(name: str) -> type[Beitv2ImageFolder]:
                            lambda ns: ns.update(name=name, __module__=__name__))
 
 
+PREPARATION_FILE = 'beitv2_preparation.json'  # next to dataset_info.json: source folder and skipped images
+
+
+def preparation_record(name: str, data_dir: str | os.PathLike | None = None) -> dict:
+    """``{'src': ..., 'num_bad_images': n, 'bad_images': [first names]}`` of a prepared folder dataset ({} if
+    none was recorded)."""
+    path = os.path.join(_resolve(data_dir), name, str(Beitv2ImageFolder.VERSION), PREPARATION_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
 def prepare_image_folder(src_dir: str, data_dir: str | os.PathLike | None = None,
-                         name: str = IMAGE_FOLDER_NAME) -> str:
+                         name: str = IMAGE_FOLDER_NAME, overwrite: bool = False, verify: bool = True) -> str:
     """Converts an image folder into the array_record tfds dataset ``name`` in ``data_dir``.
 
-    ``name`` must be a tfds-style name (lower case, digits, underscores). Does nothing if it is
-    already prepared there. Returns the dataset directory ``data_dir/name/1.0.0``.
+    ``name`` must be a tfds-style name (lower case, digits, underscores). If ``name`` is already prepared there
+    from the same folder, nothing is done; from another folder, ``ValueError`` unless ``overwrite`` (then it is
+    rebuilt). With ``verify`` every image is decoded once: the ones that cannot be are left out, counted and
+    named (the first ``MAX_NAMED_BAD_IMAGES``) in the log and in ``PREPARATION_FILE``. Returns the dataset
+    directory ``data_dir/name/1.0.0``.
     """
     if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
-        raise ValueError(f'Dataset name {name!r} must match [a-z][a-z0-9_]*.')
+        raise ValueError(f'dataset name {name!r} must match [a-z][a-z0-9_]* (lower case, digits, underscores)')
+    src = os.path.realpath(os.path.expanduser(src_dir))
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f'--src {src_dir} is not a folder')
     data_dir = _resolve(data_dir)
     out_dir = os.path.join(data_dir, name, str(Beitv2ImageFolder.VERSION))
-    if os.path.exists(os.path.join(out_dir, 'dataset_info.json')):  # skip scanning the folder
-        return out_dir
-    with _file_lock(os.path.join(data_dir, f'.{name}.lock')):
-        builder = _folder_builder_class(name)(src_dir=src_dir, data_dir=data_dir,
-                                              file_format='array_record')
-        if not builder.is_prepared():
-            _prepare(builder)
+    with _file_lock(data_dir):
+        if os.path.exists(os.path.join(out_dir, 'dataset_info.json')):
+            before = preparation_record(name, data_dir).get('src')
+            if before in (None, src):  # None: prepared before sources were recorded
+                return out_dir
+            if not overwrite:
+                raise ValueError(f'dataset {name!r} in {data_dir} was prepared from {before}, not {src}; pass '
+                                 f'--overwrite to rebuild it from {src}, or choose another --name')
+            shutil.rmtree(os.path.join(data_dir, name))
+        builder = _folder_builder_class(name)(src_dir=src, data_dir=data_dir, file_format='array_record',
+                                              verify=verify)
+        _prepare(builder)
+        bad = builder.bad_images
+        record = {'src': src, 'verified': verify, 'num_bad_images': len(bad),
+                  'bad_images': bad[:MAX_NAMED_BAD_IMAGES]}
+        with open(os.path.join(out_dir, PREPARATION_FILE), 'w', encoding='utf-8') as f:
+            json.dump(record, f, indent=2)
+    if bad:
+        shown = ', '.join(bad[:MAX_NAMED_BAD_IMAGES]) + (', ...' if len(bad) > MAX_NAMED_BAD_IMAGES else '')
+        logging.warning('left out %d image(s) of %s that cannot be decoded: %s', len(bad), src, shown)
     return out_dir
 
 
@@ -377,11 +428,25 @@ def _main(argv: Sequence[str] | None = None) -> None:
     folder.add_argument('--src', required=True, help='folder of class sub-folders (or split folders)')
     folder.add_argument('--data_dir', default=None, help='tfds data_dir (default $TFDS_DATA_DIR)')
     folder.add_argument('--name', default=IMAGE_FOLDER_NAME, help='dataset name to create')
+    folder.add_argument('--overwrite', action='store_true',
+                        help='rebuild NAME when it was prepared from another --src')
+    folder.add_argument('--skip_verify', action='store_true',
+                        help='do not decode every image once at preparation (bad ones are then skipped in training)')
     demo = commands.add_parser('prepare-demo', help='generate the built-in demo dataset')
     demo.add_argument('--data_dir', default=None)
     args = parser.parse_args(argv)
     if args.command == 'prepare-folder':
-        print(prepare_image_folder(args.src, args.data_dir, name=args.name))
+        try:
+            out_dir = prepare_image_folder(args.src, args.data_dir, name=args.name, overwrite=args.overwrite,
+                                           verify=not args.skip_verify)
+        except (ValueError, OSError) as e:
+            print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+            sys.exit(2)
+        record = preparation_record(args.name, args.data_dir)
+        if record.get('num_bad_images'):
+            print(f"{record['num_bad_images']} image(s) could not be decoded and were left out: "
+                  f"{', '.join(record['bad_images'])}", file=sys.stderr)
+        print(out_dir)
     else:
         ensure_demo_dataset(args.data_dir)
         print(os.path.join(_resolve(args.data_dir), DEMO_NAME))

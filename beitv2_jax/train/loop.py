@@ -8,9 +8,14 @@ Reliability contract (issue #8):
 * **Exact resume.** The checkpoint holds the whole ``TrainState`` (params, optimizer state, codebook / EMA state,
   counters, step, RNG) and the data iterator's state; every random draw is keyed by (seed, step) or (seed, record),
   so a resumed run repeats the uninterrupted one bit for bit.
-* **Non-finite guard.** The steps skip an update whose loss or gradient is not finite (state unchanged apart from
-  the step and the ``bad_steps`` counter) and report ``nonfinite``; the loop counts them and after
-  ``max_bad_steps`` consecutive ones raises ``NonFiniteError`` without writing another checkpoint.
+* **Non-finite guard.** The steps skip an update whose loss, gradient or updated parameters are not finite (state
+  unchanged apart from the step and the ``bad_steps`` counter) and report ``nonfinite``; the loop counts them and
+  after ``max_bad_steps`` consecutive ones raises ``NonFiniteError`` without writing another checkpoint. While a
+  streak of skipped steps is open, periodic checkpoints are not written (only a preemption or final one), so the
+  kept checkpoints are never pushed out by suspect ones.
+* **Divergence.** A finite loss above ``divergence_factor`` × the running median of the last ``DIVERGENCE_WINDOW``
+  step losses stops the run with ``DivergenceError`` before anything later is saved; the message names the newest
+  checkpoint, written before the divergence.
 * **Bad data.** Batches carry ``bad_records`` (records replaced because their image could not be decoded, see
   ``transforms.DecodedSource``); the loop counts them. Both counts are logged and survive restarts.
 """
@@ -34,6 +39,14 @@ from beitv2_jax.train.metrics import MetricsWriter
 
 class NonFiniteError(RuntimeError):
     """Raised after too many consecutive non-finite steps; the last good checkpoint is left intact."""
+
+
+class DivergenceError(NonFiniteError):
+    """Raised when the loss runs away (far above its running median); checkpoints before it are left intact."""
+
+
+DIVERGENCE_WINDOW = 100  # step losses in the running median
+DIVERGENCE_MIN_STEPS = 2  # finite step losses needed before the detector judges
 
 
 class Preempted(Exception):
@@ -101,47 +114,80 @@ class StopRequest:
 
 
 class NonFiniteGuard:
-    """Counts the steps whose update was skipped (``metrics['nonfinite']``), one step behind so that the host does
-    not wait for the device; raises ``NonFiniteError`` when ``max_bad_steps`` consecutive steps were bad."""
+    """Counts the steps whose update was skipped (``metrics['nonfinite']``) and watches the loss for divergence, one
+    step behind so that the host does not wait for the device; ``check`` raises ``NonFiniteError`` when
+    ``max_bad_steps`` consecutive steps were bad and ``DivergenceError`` when a loss ran away."""
 
-    def __init__(self, max_bad_steps: int, streak: int = 0, total: int = 0, manager=None):
+    def __init__(self, max_bad_steps: int, streak: int = 0, total: int = 0, manager=None,
+                 divergence_factor: float = 0.0):
         self.max_bad_steps = max_bad_steps
         self.streak = streak
         self.total = total
+        self.divergence_factor = divergence_factor
         self._manager = manager
         self._pending = None
         self._last_bad = None  # only a bad step seen by this process stops it (a resumed streak may go on)
+        self._losses: list = []  # the last DIVERGENCE_WINDOW finite step losses
+        self._diverged = None  # (step, loss, median)
 
-    def push(self, step: int, nonfinite) -> None:
-        """Record ``step``'s flag (a device scalar, or None when the task reports none); check the previous one."""
+    def push(self, step: int, nonfinite, loss=None) -> None:
+        """Record ``step``'s flag and loss (device scalars; ``nonfinite`` None when the task reports none); count
+        the previous step's."""
         self.flush()
         self.check()
-        self._pending = None if nonfinite is None else (step, nonfinite)
+        self._pending = None if nonfinite is None else (step, nonfinite, loss)
 
     def flush(self) -> None:
-        """Count the pending step now (``check`` raises if that reached the limit)."""
+        """Count the pending step now (``check`` raises if that reached the limit or diverged)."""
         if self._pending is None:
             return
-        step, flag = self._pending
+        step, flag, loss = self._pending
         self._pending = None
-        if float(jax.device_get(flag)) == 0.0:
+        flag, loss = jax.device_get((flag, loss))
+        if float(flag) == 0.0:
             self.streak = 0
+            self._watch_loss(step, loss)
             return
         self.streak += 1
         self.total += 1
         self._last_bad = step
-        logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, limit max_bad_steps=%d)",
-                        step, self.streak, self.max_bad_steps)
+        logging.warning("step %d: non-finite loss, gradient or updated parameters, update skipped (%d in a row, "
+                        "limit max_bad_steps=%d)", step, self.streak, self.max_bad_steps)
+
+    def _watch_loss(self, step: int, loss) -> None:
+        if loss is None or not self.divergence_factor:
+            return
+        loss = float(loss)
+        if len(self._losses) >= DIVERGENCE_MIN_STEPS:
+            median = float(np.median(self._losses))
+            if median > 0 and loss > self.divergence_factor * median:
+                self._diverged = (step, loss, median)
+                return
+        self._losses = (self._losses + [loss])[-DIVERGENCE_WINDOW:]
+
+    @property
+    def suspect(self) -> bool:
+        """Whether the newest state should not replace kept checkpoints (a streak of skipped steps is open)."""
+        return self.streak > 0
 
     def check(self) -> None:
-        """Raise ``NonFiniteError`` when the counted steps end with ``max_bad_steps`` bad ones in a row."""
+        """Raise ``DivergenceError`` after a runaway loss, ``NonFiniteError`` when the counted steps end with
+        ``max_bad_steps`` bad ones in a row."""
+        latest = self._manager.latest_step() if self._manager is not None else None
+        kept = (f"the newest checkpoint, step {latest} in {self._manager.directory}, was written before it" if latest
+                is not None else "no checkpoint was written")
+        if self._diverged is not None:
+            step, loss, median = self._diverged
+            raise DivergenceError(
+                f"the loss diverged at step {step}: {loss:.4g} is more than config.divergence_factor="
+                f"{self.divergence_factor:g} × the running median {median:.4g} of the previous step losses; the run "
+                f"stopped and {kept} (lower config.optim.lr or raise config.divergence_factor)")
         if self.streak < self.max_bad_steps or self._last_bad is None:
             return
-        latest = self._manager.latest_step() if self._manager is not None else None
         raise NonFiniteError(
-            f"{self.streak} consecutive steps (up to step {self._last_bad}) had a non-finite loss or gradient, "
-            f"reaching config.max_bad_steps={self.max_bad_steps}; the run stopped. Updates were skipped, so the "
-            f"latest checkpoint (step {latest}) holds the last good parameters")
+            f"{self.streak} consecutive steps (up to step {self._last_bad}) had a non-finite loss, gradient or "
+            f"updated parameters, reaching config.max_bad_steps={self.max_bad_steps}; the run stopped. Those updates "
+            f"were skipped and no checkpoint was written during them: {kept} and holds the last good parameters")
 
 
 class RunCounters:
@@ -168,14 +214,15 @@ class RunCounters:
 
 def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, total_steps: int,
         steps_per_epoch: int, batch_size: int, log_every: int = 50, checkpoint_every: int = 1000,
-        max_bad_steps: int = 10, manager=None, writer: Optional[MetricsWriter] = None,
+        max_bad_steps: int = 10, divergence_factor: float = 0.0, manager=None, writer: Optional[MetricsWriter] = None,
         epoch_end: Optional[Callable] = None, desc: str = "train", inject_nan_steps: Sequence[int] = ()):
     """Run ``train_step(state, batch) -> (state, metrics)`` from ``state.step`` to ``total_steps``.
 
     Metrics are averaged over each logging window and written with the cumulative ``bad_records`` and
     ``nonfinite_steps``. ``epoch_end(state, epoch)`` may return an updated state and writes its own metrics.
     Saves every ``checkpoint_every`` steps, at the end and on SIGTERM (then raises ``Preempted``); raises
-    ``NonFiniteError`` after ``max_bad_steps`` consecutive non-finite steps. The batches of the steps in
+    ``NonFiniteError`` after ``max_bad_steps`` consecutive non-finite steps and ``DivergenceError`` when a step loss
+    exceeds ``divergence_factor`` × the running median (0 disables). The batches of the steps in
     ``inject_nan_steps`` (1-based, as logged) are poisoned with NaN to exercise the guard.
     """
     own_writer = writer is None
@@ -183,7 +230,7 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
     start = int(jax.device_get(state.step))
     streak = int(jax.device_get(state.extra["bad_steps"])) if "bad_steps" in state.extra else 0
     saved = ckpt_lib.restore_data(manager, start).get("counters", {}) if manager is not None else {}
-    guard = NonFiniteGuard(max_bad_steps, streak, int(saved.get("nonfinite_steps", 0)), manager)
+    guard = NonFiniteGuard(max_bad_steps, streak, int(saved.get("nonfinite_steps", 0)), manager, divergence_factor)
     counters = RunCounters(saved, guard)
     stop = StopRequest(manager)
     log = _MetricsLog(writer, start, total_steps, batch_size, desc)
@@ -194,7 +241,7 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
             if done in inject_nan_steps:
                 batch = poison_batch(batch)
             state, metrics = train_step(state, sharding.to_global_batch(batch, mesh))
-            guard.push(done, metrics.get("nonfinite"))
+            guard.push(done, metrics.get("nonfinite"), metrics.get("loss"))
             log.add(metrics)
             if done % log_every == 0 or done == total_steps:
                 guard.flush()
@@ -203,11 +250,13 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
             if epoch_end is not None and done % steps_per_epoch == 0:
                 state = epoch_end(state, done // steps_per_epoch) or state
             stopping = stop.at(done)
-            if manager is not None and (stopping or done == total_steps or done % checkpoint_every == 0):
+            required = stopping or done == total_steps
+            if manager is not None and (required or done % checkpoint_every == 0):
                 guard.flush()
-                guard.check()  # a step that reaches max_bad_steps is not saved
+                guard.check()  # a step that reaches max_bad_steps or diverged is not saved
+            if manager is not None and (required or (done % checkpoint_every == 0 and not guard.suspect)):
                 data = {"iterator": iterator.get_state(), "counters": counters.as_dict()}
-                ckpt_lib.save(manager, done, state, data, required=stopping or done == total_steps)
+                ckpt_lib.save(manager, done, state, data, required=required)
             if stopping:
                 raise Preempted(done, str(manager.directory) if manager is not None else None)
         guard.flush()

@@ -24,20 +24,31 @@ def compute_dtype(name: str):
     return DTYPES[name]
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Create ``workdir``; write ``config.json``; refuse a workdir that holds a run with another config
-    (``validate.ConfigError`` naming the changed keys, see ``validate.check_workdir``)."""
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, save_config: bool = True) -> None:
+    """Create ``workdir`` and take its lock (``workdir_lock``: one run per workdir); refuse a workdir that holds a
+    run with another config (``validate.ConfigError`` naming the changed keys, see ``validate.check_workdir``);
+    write ``config.json`` unless ``save_config=False`` (tasks that resume write it with ``write_config`` once the
+    checkpoint has been restored, so a change that cannot be restored leaves the old one in place)."""
     from beitv2_jax import validate
+    from beitv2_jax.train import workdir_lock
 
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    current = json.loads(config.to_json_best_effort(sort_keys=True))
-    validate.check_workdir(config, workdir)
     if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(current, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        workdir_lock.acquire(workdir)
+    validate.check_workdir(config, workdir)
+    if save_config:
+        write_config(config, workdir)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """``<workdir>/config.json`` (process 0; written to a temporary file, then renamed)."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(json.loads(config.to_json_best_effort(sort_keys=True)), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def num_examples(data_config, split: str) -> int:

@@ -258,7 +258,7 @@ def make_train_step(model: vit.VisionTransformer, tx, schedule, mixup: augment.M
                                                   state_lib.step_rng(state, "dropout"))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & optim.is_finite_tree(grads)
+        finite = jnp.isfinite(loss) & optim.is_finite_tree(grads) & optim.is_finite_tree(params)
         bad_steps = jnp.where(finite, 0, state.extra["bad_steps"] + 1)
         extra = {**state.extra, "bad_steps": bad_steps}
         updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
@@ -335,7 +335,7 @@ def save_model(directory: str, params, cfg: dict, info: Optional[dict] = None) -
 
 def run(config: ml_collections.ConfigDict, workdir: str):
     common.log_header("finetune", config, workdir)
-    common.prepare_workdir(config, workdir)
+    common.prepare_workdir(config, workdir, save_config=False)  # config.json once the restore worked
     mesh = sharding.make_mesh(config.get("mesh"))
     m = config.model
     pretrained = load_pretrained(config.pretrained.checkpoint, config.pretrained.get("format", ""))
@@ -365,6 +365,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     iterator = make_train_iterator(config, config.seed)
     manager = ckpt_lib.make_manager(workdir, config.get("keep_checkpoints", 3))
     state = loop.resume(manager, state, iterator)
+    common.write_config(config, workdir)
     train_step = jax.jit(make_train_step(model, tx, schedule, mixup), donate_argnums=0,
                          in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                          out_shardings=(state_sh, sharding.replicated(mesh)))
@@ -396,7 +397,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                          total_steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
                          log_every=config.get("log_every_steps", 50),
                          checkpoint_every=config.get("checkpoint_every_steps", 1000),
-                         max_bad_steps=config.get("max_bad_steps", 10), manager=manager, writer=writer,
+                         max_bad_steps=config.get("max_bad_steps", 10),
+                         divergence_factor=config.get("divergence_factor", 0.0), manager=manager, writer=writer,
                          epoch_end=epoch_end, desc="finetune", inject_nan_steps=config.get("inject_nan_steps", ()))
     finally:
         writer.close()

@@ -279,7 +279,7 @@ def make_train_step(model: ibot_lib.IBOT, tx, lr_schedule, wd_schedule, momentum
         center, center2 = update_centers(ms["center"], ms["center2"], *teacher_out, settings.center_momentum,
                                          settings.center_momentum2)
         model_state = {"teacher": ema(ms["teacher"], params, momentum), "center": center, "center2": center2}
-        finite = jnp.isfinite(loss) & optim.is_finite_tree(grads)
+        finite = jnp.isfinite(loss) & optim.is_finite_tree(grads) & optim.is_finite_tree(params)
         bad_steps = jnp.where(finite, 0, state.extra["bad_steps"] + 1)
         updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
                                 extra={**state.extra, "bad_steps": bad_steps})
@@ -364,7 +364,7 @@ def teacher_knn(config: ml_collections.ConfigDict, directory: str, mesh) -> dict
 
 def run(config: ml_collections.ConfigDict, workdir: str):
     common.log_header("ibot", config, workdir)
-    common.prepare_workdir(config, workdir)
+    common.prepare_workdir(config, workdir, save_config=False)  # config.json once the restore worked
     mesh = sharding.make_mesh(config.get("mesh"))
     model = build_model(config)  # drop path acts only with train=True: the same object runs the teacher
     steps_per_epoch = common.steps_per_epoch(config)
@@ -384,6 +384,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     iterator = multicrop.make_ibot_iterator(config, config.batch_size, seed=config.seed)
     manager = ckpt_lib.make_manager(workdir, config.get("keep_checkpoints", 3))
     state = loop.resume(manager, state, iterator)
+    common.write_config(config, workdir)
     settings = step_settings(config, steps_per_epoch)
     step_fn = common.jit_train_step(make_train_step(model, tx, lr_schedule, wd_schedule, momentum_schedule, settings),
                                     state_sh, mesh)
@@ -391,7 +392,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                      iterator=iterator, mesh=mesh, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                      batch_size=config.batch_size, log_every=config.get("log_every_steps", 50),
                      checkpoint_every=config.get("checkpoint_every_steps", 1000),
-                     max_bad_steps=config.get("max_bad_steps", 10), manager=manager, desc="ibot",
+                     max_bad_steps=config.get("max_bad_steps", 10),
+                     divergence_factor=config.get("divergence_factor", 0.0), manager=manager, desc="ibot",
                      inject_nan_steps=config.get("inject_nan_steps", ()))
     directory = os.path.join(workdir, TEACHER_DIR)
     export_teacher(directory, state.model_state["teacher"], model)

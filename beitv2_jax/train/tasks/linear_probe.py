@@ -276,7 +276,7 @@ def _num_classes(config, *label_arrays) -> int:
 
 def run(config: ml_collections.ConfigDict, workdir: str):
     common.log_header("linear_probe", config, workdir)
-    common.prepare_workdir(config, workdir)
+    common.prepare_workdir(config, workdir, save_config=False)  # config.json once the restore worked
     mesh = sharding.make_mesh(config.get("mesh"))
     pretrained = finetune.load_pretrained(config.pretrained.checkpoint, config.pretrained.get("format", ""))
     pretrained = at_resolution(pretrained, config.data.input_size)
@@ -333,6 +333,7 @@ def _run_streamed(config, workdir, features, encoder_params, eval_batch, mesh, w
     iterator = probe_iterator(config, config.seed)
     manager = ckpt_lib.make_manager(workdir, config.get("keep_checkpoints", 3))
     state = loop.resume(manager, state, iterator)
+    common.write_config(config, workdir)
     step_fn = jax.jit(make_stream_step(features, tx, schedule), donate_argnums=0)
     train_step = functools.partial(_with_encoder, step_fn, encoder_params)
     hits_fn = jax.jit(lambda heads, p, b: heads_hits(heads, as_layers(features(p, b["image"])), b["label"]))

@@ -72,7 +72,7 @@ def make_train_step(model: beit_lib.BEiTPretrainModel, tokenizer, tx, schedule,
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tokens, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & optim.is_finite_tree(grads)
+        finite = jnp.isfinite(loss) & optim.is_finite_tree(grads) & optim.is_finite_tree(params)
         bad_steps = jnp.where(finite, 0, state.extra["bad_steps"] + 1)
         updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                 extra={**state.extra, "bad_steps": bad_steps})
@@ -86,7 +86,7 @@ def make_train_step(model: beit_lib.BEiTPretrainModel, tokenizer, tx, schedule,
 
 def run(config: ml_collections.ConfigDict, workdir: str):
     common.log_header("pretrain", config, workdir)
-    common.prepare_workdir(config, workdir)
+    common.prepare_workdir(config, workdir, save_config=False)  # config.json once the restore worked
     mesh = sharding.make_mesh(config.get("mesh"))
     tokenizer, tokenizer_variables = targets_lib.load_tokenizer(config)
     if tokenizer.num_codes != config.model.vocab_size:
@@ -113,13 +113,15 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     iterator = pipeline.make_pretrain_iterator(config.data, config.batch_size, seed=config.seed)
     manager = ckpt_lib.make_manager(workdir, config.get("keep_checkpoints", 3))
     state = loop.resume(manager, state, iterator)
+    common.write_config(config, workdir)
     step_fn = common.jit_train_step(make_train_step(model, tokenizer, tx, schedule, settings), state_sh, mesh)
     train_step = functools.partial(_with_tokenizer, step_fn, tokenizer_variables)
     state = loop.run(workdir=workdir, state=state, train_step=train_step, iterator=iterator, mesh=mesh,
                      total_steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
                      log_every=config.get("log_every_steps", 50),
                      checkpoint_every=config.get("checkpoint_every_steps", 1000),
-                     max_bad_steps=config.get("max_bad_steps", 10), manager=manager, desc="pretrain",
+                     max_bad_steps=config.get("max_bad_steps", 10),
+                     divergence_factor=config.get("divergence_factor", 0.0), manager=manager, desc="pretrain",
                      inject_nan_steps=config.get("inject_nan_steps", ()))
     export_model(os.path.join(workdir, "model"), state, cfg)
     return state

@@ -60,7 +60,7 @@ def make_train_step(model: vqkd_lib.VQKD, teacher: teachers_lib.Teacher, tx, sch
             state.params, state.model_state, batch["image"], teacher_params, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & optim.is_finite_tree(grads)
+        finite = jnp.isfinite(loss) & optim.is_finite_tree(grads) & optim.is_finite_tree(params)
         extra = {"epoch_counts": state.extra["epoch_counts"] + out["bins"],
                  "bad_steps": jnp.where(finite, 0, state.extra["bad_steps"] + 1)}
         updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -95,7 +95,7 @@ def evaluate(model, variables, teacher, teacher_params, config, mesh):
 
 def run(config: ml_collections.ConfigDict, workdir: str):
     common.log_header("vqkd", config, workdir)
-    common.prepare_workdir(config, workdir)
+    common.prepare_workdir(config, workdir, save_config=False)  # config.json once the restore worked
     mesh = sharding.make_mesh(config.get("mesh"))
     teacher, teacher_params = load_teacher(config)
     cfg = model_config(config, teacher.feature_dim)
@@ -121,6 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     iterator = pipeline.make_tokenizer_iterator(config.data, config.batch_size, seed=config.seed)
     manager = ckpt_lib.make_manager(workdir, config.get("keep_checkpoints", 3))
     state = loop.resume(manager, state, iterator)
+    common.write_config(config, workdir)
     step_fn = common.jit_train_step(make_train_step(model, teacher, tx, schedule), state_sh, mesh)
     train_step = functools.partial(_with_teacher, step_fn, teacher_params)
     writer = MetricsWriter(workdir)
@@ -148,7 +149,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                      total_steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
                      log_every=config.get("log_every_steps", 50), checkpoint_every=config.get(
                          "checkpoint_every_steps", 1000), max_bad_steps=config.get("max_bad_steps", 10),
-                     manager=manager, writer=writer, epoch_end=epoch_end, desc="vqkd",
+                         divergence_factor=config.get("divergence_factor", 0.0),
+                         manager=manager, writer=writer, epoch_end=epoch_end, desc="vqkd",
                      inject_nan_steps=config.get("inject_nan_steps", ()))
     writer.close()
     export_tokenizer(os.path.join(workdir, "tokenizer"), state, cfg)
