@@ -22,7 +22,8 @@ OPTIONAL_KEYS = {
     "vqkd": {"": _RUN_OPTIONAL, "model": {"decoder_width": (int,), "decoder_heads": (int,),
                                           "drop_path_rate": (int, float)}, "optim": {"warmup_steps": (int,)}},
 }
-# Keys that may change between the runs of one workdir (they do not change the results).
+# Keys that may change between the runs of one workdir (they do not change the results; the data iterator's
+# checkpointed state is the global batch index, the same for any num_workers and any process count).
 OPERATIONAL_KEYS = frozenset({"allow_config_change", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                               "max_bad_steps", "divergence_factor", "inject_nan_steps", "num_workers", "read_threads", "prefetch_batches"})
 DTYPES = ("float32", "bfloat16")

@@ -28,6 +28,16 @@ def demo_data_dir(tmp_path_factory):
     return data_dir
 
 
+def hidden_torch_dir(root) -> str:
+    """A directory to put first on a subprocess's PYTHONPATH so that ``import torch`` fails there: tensorboardX
+    imports torch when installed (~3 s per start) and runs of ``beitv2_jax.main`` need none of it."""
+    directory = os.path.join(str(root), "no_torch")
+    os.makedirs(os.path.join(directory, "torch"), exist_ok=True)
+    with open(os.path.join(directory, "torch", "__init__.py"), "w") as f:
+        f.write("raise ImportError('torch is hidden in these runs')\n")
+    return directory
+
+
 def load_config_file(name: str, arg=None):
     import importlib.util
 

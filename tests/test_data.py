@@ -1,5 +1,6 @@
 """Tests for the input pipeline: sources, transforms, grain pipeline (tiny sizes, CPU only)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -296,6 +297,13 @@ class _KeepIndex(grain.transforms.Map):
         return {'index': np.int64(element['index'])}
 
 
+class _KeepIndexRandom(grain.transforms.RandomMap):
+    """The index and one draw of the record's generator (keyed by its global position)."""
+
+    def random_map(self, element, rng):
+        return {'index': np.int64(element['index']), 'draw': np.float64(rng.random())}
+
+
 def _indices(ds):
     return [int(i) for batch in ds for i in batch['index']]
 
@@ -349,22 +357,66 @@ def test_pretrain_batches_and_seed_determinism(demo_dir):
 
 
 def test_worker_count_independence_and_state_restore(demo_dir):
-    """0 vs 2 prefetch processes give identical batches; get_state/set_state resumes exactly."""
-    results = {}
-    for num_workers in (0, 2):
+    """0 vs 2 prefetch processes give identical batches and the same state, the global batch index; a state saved
+    with either worker count resumes exactly with the other one."""
+    def iterator(num_workers):
         config = tiny_config(demo_dir[0], num_workers=num_workers)
-        iterator = pipeline.make_pretrain_iterator(config, 4, seed=7, process_index=0, process_count=1)
-        head = take(iterator, 3)
-        state = pipeline.IteratorState.save(iterator)
-        tail = take(iterator, 2)
-        resumed = pipeline.make_pretrain_iterator(config, 4, seed=7, process_index=0, process_count=1)
-        pipeline.IteratorState.restore(resumed, state)
-        assert_batches_equal(take(resumed, 2), tail)
-        for it in (iterator, resumed):
-            if hasattr(it, 'close'):
-                it.close()
-        results[num_workers] = head + tail
-    assert_batches_equal(results[0], results[2])
+        return pipeline.make_pretrain_iterator(config, 4, seed=7, process_index=0, process_count=1)
+
+    serial = iterator(0)
+    head = take(serial, 3)
+    state = pipeline.IteratorState.save(serial)
+    tail = take(serial, 2)
+    assert json.loads(state) == {'next_batch': 3}
+    prefetched = iterator(2)
+    assert_batches_equal(take(prefetched, 3), head)
+    assert prefetched.get_state() == {'next_batch': 3}
+    prefetched.close()
+    resumed = pipeline.IteratorState.restore(iterator(2), state)  # 0 -> 2 workers
+    assert_batches_equal(take(resumed, 2), tail)
+    resumed.close()
+    resumed = iterator(0)
+    resumed.set_state(prefetched.get_state())  # 2 -> 0 workers
+    assert_batches_equal(take(resumed, 2), tail)
+
+
+def test_iterator_state_does_not_depend_on_the_process_count():
+    """A state saved by a 1-process run restores into 2 processes (and back): together they yield the rows of the
+    same global batches, augmentation included."""
+    source = [{'index': i} for i in range(40)]
+    kwargs = dict(transform=_KeepIndexRandom(), global_batch_size=8, seed=3)
+    single = iter(pipeline.make_dataset(source, process_index=0, process_count=1, **kwargs))
+    reference = take(single, 8)
+    for consumed in (0, 3, 5):  # 5 batches: into the second epoch
+        halves = [iter(pipeline.make_dataset(source, process_index=p, process_count=2, **kwargs)) for p in (0, 1)]
+        for half in halves:
+            half.set_state({'next_batch': consumed})
+        for expected in reference[consumed:consumed + 2]:
+            rows = [next(half) for half in halves]
+            for key in expected:
+                np.testing.assert_array_equal(np.concatenate([r[key] for r in rows]), expected[key])
+        assert halves[1].get_state() == {'next_batch': consumed + 2}
+        back = iter(pipeline.make_dataset(source, process_index=0, process_count=1, **kwargs))
+        back.set_state(halves[0].get_state())
+        assert_batches_equal([next(back)], reference[consumed + 2:consumed + 3])
+
+
+def test_iterator_states_of_older_checkpoints_restore():
+    """The grain states that checkpoints held before ``{'next_batch': k}`` (with 0 or N workers) still resume;
+    anything else is refused with the keys named."""
+    source = [{'index': i} for i in range(40)]
+    kwargs = dict(transform=_KeepIndex(), global_batch_size=4, process_index=0, process_count=1, seed=2)
+    reference = take(iter(pipeline.make_dataset(source, **kwargs)), 6)
+    mp_prefetch_state = {  # grain 0.2's mp_prefetch with 2 workers after 5 batches: worker w read batches[w::2]
+        'next_index_in_cycle': 1, 'next_index_in_datasets': 2, 'iterators_in_use_indices': [0, 1],
+        'iterators_in_use_states': [{'next_index': 3}, {'next_index': 2}], 'exhausted': [0, 0], 'future_states': {}}
+    for state, consumed in (({'next_index': 4}, 4), (mp_prefetch_state, 5)):
+        resumed = iter(pipeline.make_dataset(source, **kwargs))
+        resumed.set_state(state)
+        assert resumed.get_state() == {'next_batch': consumed}
+        assert_batches_equal([next(resumed)], reference[consumed:consumed + 1])
+    with pytest.raises(ValueError, match=r"unknown data iterator state with keys \['position'\]"):
+        iter(pipeline.make_dataset(source, **kwargs)).set_state({'position': 3})
 
 
 def test_eval_and_tokenizer_iterators(demo_dir):

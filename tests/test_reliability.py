@@ -27,7 +27,7 @@ from PIL import Image
 from beitv2_jax.data import sources, transforms
 from beitv2_jax.train import checkpoint as ckpt_lib
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, hidden_torch_dir
 
 TOTAL_STEPS = 12
 CURVE_KEYS = ("loss", "loss_1", "loss_2", "mlm_acc_1", "mlm_acc_2", "grad_norm", "lr")
@@ -85,12 +85,10 @@ def setup(tmp_path_factory, demo_data_dir):
     """``(root, env)``: a tokenizer in ``root/tokenizer`` and the subprocess environment (shared compile cache)."""
     root = tmp_path_factory.mktemp("reliability")
     make_tokenizer(str(root / "tokenizer"))
-    (root / "no_torch" / "torch").mkdir(parents=True)
-    (root / "no_torch" / "torch" / "__init__.py").write_text("raise ImportError('torch is hidden in these runs')\n")
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
                XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-               PYTHONPATH=os.pathsep.join([str(root / "no_torch"), REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([hidden_torch_dir(root), REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
     return root, env, demo_data_dir
 
 
@@ -224,6 +222,26 @@ def test_sigterm_saves_that_step_exits_zero_and_resumes_bit_exact(setup, referen
     assert not os.path.exists(os.path.join(workdir, "model"))  # stopped before the end: nothing exported
     result = run_main(setup, config, workdir)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(reference, workdir)
+
+
+def test_resume_with_another_num_workers_is_bit_exact(setup, reference):
+    """data.num_workers 0 -> 2 -> 0 across two SIGTERM stops: the losses and the final parameters of the
+    uninterrupted run (the data iterator's state is the global batch index, the same for any worker count)."""
+    workdir = str(setup[0] / "workers")
+    serial, prefetched = write_config(setup, "base"), write_config(setup, "workers2", data__num_workers=2)
+    stopped = [0]
+    for config, at_step in ((serial, 3), (prefetched, 7)):
+        code, stderr = start_and_signal(setup, config, workdir, at_step, signal.SIGTERM)
+        assert code == 0, stderr[-3000:]
+        stopped.append(int(stderr.split("preempted: stopped at step ")[1].split()[0]))
+        assert stopped[-2] < stopped[-1] < TOTAL_STEPS, stopped
+        data = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).restore(
+            stopped[-1], args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        assert data["iterator"] == {"next_batch": stopped[-1]}
+    result = run_main(setup, serial, workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming at step {stopped[-1]}" in result.stderr
     assert_same_run(reference, workdir)
 
 

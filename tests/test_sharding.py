@@ -2,6 +2,7 @@
 2-process training, mesh validation and multi-process start-up."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from beitv2_jax import distributed
 from beitv2_jax.train import sharding
 
-from conftest import REPO_ROOT, make_random_tokenizer
+from conftest import REPO_ROOT, hidden_torch_dir, make_random_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -80,49 +81,78 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _tiny_pretrain_args(workdir, tokenizer_dir, data_dir):
+def _tiny_pretrain_args(workdir, tokenizer_dir, data_dir, *overrides):
     return ["--config", os.path.join(REPO_ROOT, "tests", "scripts", "tiny_pretrain.py"), "--workdir", str(workdir),
-            f"--config.tokenizer.checkpoint={tokenizer_dir}", f"--config.data.data_dir={data_dir}"]
+            f"--config.tokenizer.checkpoint={tokenizer_dir}", f"--config.data.data_dir={data_dir}", *overrides]
 
 
-def test_two_processes_match_one(tmp_path, demo_data_dir):
-    """Two `python -m beitv2_jax.main` processes on localhost (gloo) give the 1-process losses; both restore."""
-    tokenizer_dir = make_random_tokenizer(tmp_path / "tok")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
-    single = subprocess.run([sys.executable, "-m", "beitv2_jax.main",
-                             *_tiny_pretrain_args(tmp_path / "one", tokenizer_dir, demo_data_dir)],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+def _start_two_processes(args, env):
+    """Two `python -m beitv2_jax.main ARGS` processes joined by jax.distributed on localhost (gloo)."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "beitv2_jax.main",
-                               *_tiny_pretrain_args(tmp_path / "two", tokenizer_dir, demo_data_dir),
-                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    return [subprocess.Popen([sys.executable, "-m", "beitv2_jax.main", *args,
+                              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+
+
+def _finish(procs) -> list:
+    """Wait for the processes; assert that each exited 0; their stderr."""
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
-    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
-    assert [r["step"] for r in one] == [r["step"] for r in two]
-    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
-    # The exported model is written once (process 0; the other waits), complete, and equals the 1-process one.
+    return [err for _, err in outs]
+
+
+# 2 processes × 4 fake CPU devices: fsdp over all 8 (every parameter split across the processes), and tensor
+# parallel over each process's 4 devices with data parallelism across the processes.
+TWO_PROCESS_MESHES = {"fsdp": ("--config.mesh.data=1", "--config.mesh.fsdp=8"),
+                      "tensor": ("--config.mesh.data=2", "--config.mesh.tensor=4")}
+
+
+def test_two_processes_match_one(tmp_path, demo_data_dir):
+    """Sharded 2-process runs (fsdp=8; tensor=4) give the 1-process losses, finish, and export the 1-process model;
+    their checkpoint resumes in one process."""
     from beitv2_jax.convert import store
 
-    exported_one, _, _ = store.load_variables(str(tmp_path / "one" / "model"))
-    exported_two, _, _ = store.load_variables(str(tmp_path / "two" / "model"))
-    for a, b in zip(jax.tree.leaves(exported_one), jax.tree.leaves(exported_two)):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
-    assert not [name for name in os.listdir(tmp_path / "two") if name.startswith(".model.")]
-    # Both processes wrote and can restore the shared checkpoint: a second 2-process launch resumes at the end.
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "beitv2_jax.main",
-                               *_tiny_pretrain_args(tmp_path / "two", tokenizer_dir, demo_data_dir),
-                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                               f"--process_id={i}"],
+    tokenizer_dir = make_random_tokenizer(tmp_path / "tok")
+    cheap = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"  # same in every run
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=cheap, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([hidden_torch_dir(tmp_path), REPO_ROOT]))
+    single = subprocess.Popen([sys.executable, "-m", "beitv2_jax.main",
+                               *_tiny_pretrain_args(tmp_path / "one", tokenizer_dir, demo_data_dir)],
                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-        assert "resuming at step" in err
+    env4 = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {cheap}")
+    runs = {name: _start_two_processes(_tiny_pretrain_args(tmp_path / name, tokenizer_dir, demo_data_dir, *mesh),
+                                       env4) for name, mesh in TWO_PROCESS_MESHES.items()}
+    _finish([single])
+    one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    exported_one, _, _ = store.load_variables(str(tmp_path / "one" / "model"))
+    for name, procs in runs.items():
+        _finish(procs)
+        two = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+        np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5, err_msg=name)
+        # The export is gathered from the shards, written once (process 0; the other waits), complete, and equals
+        # the 1-process one.
+        exported_two, _, _ = store.load_variables(str(tmp_path / name / "model"))
+        assert jax.tree.structure(exported_two) == jax.tree.structure(exported_one)
+        for a, b in zip(jax.tree.leaves(exported_one), jax.tree.leaves(exported_two)):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert not [entry for entry in os.listdir(tmp_path / name) if entry.startswith(".model.")]
+    # The 2-process fsdp checkpoint of step 2 resumes in one process (8 devices, the same mesh): steps 3-4 and the
+    # export repeat the 1-process run (the data iterator's state is the global batch index, for any process count).
+    resumed = tmp_path / "fsdp_to_one_process"
+    shutil.copytree(tmp_path / "fsdp", resumed)
+    for name in ("checkpoints/3", "checkpoints/4", "model", "metrics.jsonl"):
+        shutil.rmtree(resumed / name) if (resumed / name).is_dir() else os.remove(resumed / name)
+    env8 = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {cheap}")
+    err = _finish([subprocess.Popen([sys.executable, "-m", "beitv2_jax.main", *_tiny_pretrain_args(
+        resumed, tokenizer_dir, demo_data_dir, *TWO_PROCESS_MESHES["fsdp"])], cwd=REPO_ROOT, env=env8,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)])[0]
+    assert "resuming at step 2" in err
+    rows = [json.loads(line) for line in open(resumed / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [3, 4]
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in one[2:]], rtol=1e-5)
+    exported, _, _ = store.load_variables(str(resumed / "model"))
+    for a, b in zip(jax.tree.leaves(exported_one), jax.tree.leaves(exported)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

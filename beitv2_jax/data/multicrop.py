@@ -197,7 +197,7 @@ def multicrop_transform(config: ml_collections.ConfigDict) -> MultiCropTransform
 
 
 def make_ibot_iterator(config: ml_collections.ConfigDict, global_batch_size: int, seed: int,
-                       process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
+                       process_index: int | None = None, process_count: int | None = None) -> pipeline.BatchIterator:
     """Endless iBOT batches (this process's rows of each global batch): ``{'global_crops': [b, G, s, s, 3],
     'local_crops': [b, L, l, l, 3], 'masks': bool [b, G, N], 'label': [b], 'bad_records': [b]}``."""
     data = config.data

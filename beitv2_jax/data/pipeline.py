@@ -1,8 +1,9 @@
 """Grain input pipelines: per-process shard → shuffle per epoch → repeat → augment → batch.
 
 All transformations are index-based ``MapDataset`` steps applied before ``to_iter_dataset``, so a
-batch depends only on (seed, process_index, process_count, batch index): the same with 0 or N
-prefetch worker processes, and resumable exactly from ``iterator.get_state()``.
+batch depends only on (seed, global batch index, process_index, process_count): the same with 0 or N
+prefetch worker processes. The iterators' state is the global batch index (``{'next_batch': k}``), so a
+run resumes exactly from ``iterator.get_state()`` with another ``num_workers`` or process count.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from absl import flags
 import grain
@@ -89,7 +90,7 @@ def _exit_with_parent(training_pid: int, worker_index: int, worker_count: int) -
 def make_dataset(source, *, transform, global_batch_size: int, process_index: int,
                  process_count: int, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None, drop_remainder: bool = True,
-                 num_workers: int = 0, read_threads: int = 4, prefetch_batches: int = 4) -> grain.IterDataset:
+                 num_workers: int = 0, read_threads: int = 4, prefetch_batches: int = 4) -> BatchStream:
     """Builds this process's slice of the global batch stream.
 
     One global stream is defined identically on every process: shuffle (per epoch, ``seed``) → repeat →
@@ -114,7 +115,8 @@ def make_dataset(source, *, transform, global_batch_size: int, process_index: in
       read_threads, prefetch_batches: per-process threads and buffered batches.
 
     Returns:
-      ``grain.IterDataset`` of batches (dicts of numpy arrays with a leading batch axis of ``b``).
+      ``BatchStream`` of batches (dicts of numpy arrays with a leading batch axis of ``b``); its iterators
+      save and restore ``{'next_batch': k}``.
     """
     if global_batch_size % process_count:
         raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
@@ -146,12 +148,86 @@ def make_dataset(source, *, transform, global_batch_size: int, process_index: in
     ds = ds[process_index::process_count]
     read_options = grain.ReadOptions(num_threads=read_threads,
                                      prefetch_buffer_size=max(prefetch_batches, read_threads))
-    iter_ds = ds.to_iter_dataset(read_options)
-    if num_workers > 0:
-        _ensure_absl_flags_parsed()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
-                                  worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
-    return iter_ds
+    return BatchStream(ds, read_options, num_workers)
+
+
+NEXT_BATCH = 'next_batch'
+
+
+class BatchStream:
+    """This process's batches: batch ``k`` is its rows of global batch ``k``. Iterable (like a
+    ``grain.IterDataset``); ``iter()`` gives a ``BatchIterator``."""
+
+    def __init__(self, batches: grain.MapDataset, read_options: grain.ReadOptions, num_workers: int):
+        self._batches = batches
+        self._read_options = read_options
+        self._num_workers = num_workers
+
+    def __iter__(self) -> BatchIterator:
+        return BatchIterator(self)
+
+    def open(self, start: int) -> grain.DatasetIterator:
+        """A grain iterator from batch ``start`` on: the map dataset is sliced before ``to_iter_dataset``
+        (O(1): nothing before ``start`` is read), then prefetched by ``num_workers`` processes if > 0."""
+        ds = self._batches[start:].to_iter_dataset(self._read_options)
+        if self._num_workers > 0:
+            _ensure_absl_flags_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers),
+                                worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
+        return iter(ds)
+
+
+class BatchIterator:
+    """Iterator over a ``BatchStream`` whose state is the number of global batches consumed,
+    ``{'next_batch': k}``: the same on every process and for any ``num_workers``, so a checkpoint restores
+    into a run with another worker or process count (same global batch size, seed and data). The grain
+    iterator (and its worker processes) starts at the first ``next``; ``set_state`` restarts it there."""
+
+    def __init__(self, stream: BatchStream, next_batch: int = 0):
+        self._stream = stream
+        self._next_batch = next_batch
+        self._grain_iterator = None
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict:
+        if self._grain_iterator is None:
+            self._grain_iterator = self._stream.open(self._next_batch)
+        batch = next(self._grain_iterator)
+        self._next_batch += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {NEXT_BATCH: self._next_batch}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        next_batch = batches_consumed(state)
+        self.close()
+        self._next_batch = next_batch
+
+    def close(self) -> None:
+        """Stop the grain iterator and its prefetch processes (the next ``next`` starts them again)."""
+        if self._grain_iterator is not None:
+            self._grain_iterator.close()
+            self._grain_iterator = None
+
+
+def batches_consumed(state: Mapping[str, Any]) -> int:
+    """The global batch index a saved iterator state points at.
+
+    Reads ``{'next_batch': k}`` and the grain iterator states that checkpoints held before it: ``{'next_index':
+    k}`` (``num_workers=0``) and ``mp_prefetch``'s, where worker ``w`` of ``W`` reads ``batches[w::W]`` and has
+    consumed ``iterators_in_use_states[w]['next_index']`` of them. Raises ``ValueError`` naming the keys of
+    any other state.
+    """
+    if NEXT_BATCH in state:
+        return int(state[NEXT_BATCH])
+    if 'next_index' in state:
+        return int(state['next_index'])
+    if 'iterators_in_use_states' in state:
+        return sum(int(worker['next_index']) for worker in state['iterators_in_use_states'])
+    raise ValueError(f'unknown data iterator state with keys {sorted(state)}; expected {{"{NEXT_BATCH}": k}}')
 
 
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -179,7 +255,7 @@ def pretrain_transform(data_config: ml_collections.ConfigDict) -> transforms.Pre
 
 
 def _make_iterator(data_config, split, transform, global_batch_size, seed, process_index,
-                   process_count, **kwargs) -> grain.DatasetIterator:
+                   process_count, **kwargs) -> BatchIterator:
     process_index, process_count = _process_layout(process_index, process_count)
     source = transforms.DecodedSource(sources.open_source(data_config.dataset, split, data_config.data_dir))
     ds = make_dataset(source, transform=transform, global_batch_size=global_batch_size,
@@ -191,7 +267,7 @@ def _make_iterator(data_config, split, transform, global_batch_size, seed, proce
 
 def make_pretrain_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,
                            seed: int, process_index: int | None = None,
-                           process_count: int | None = None) -> grain.DatasetIterator:
+                           process_count: int | None = None) -> BatchIterator:
     """Endless pretraining batches ``{'image': f32 [b, s, s, 3], 'tokenizer_image': f32 [b, s2, s2, 3],
     'mask': bool [b, (s / patch)**2], 'label': i32 [b], 'bad_records': i32 [b]}`` with
     ``b = global_batch_size / processes``; ``bad_records`` marks rows that replace an undecodable record
@@ -206,7 +282,7 @@ def make_pretrain_iterator(data_config: ml_collections.ConfigDict, global_batch_
 
 def make_tokenizer_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,
                             seed: int, process_index: int | None = None,
-                            process_count: int | None = None) -> grain.DatasetIterator:
+                            process_count: int | None = None) -> BatchIterator:
     """Endless VQ-KD training batches ``{'image': f32 [b, s, s, 3] in [0, 1], 'label': i32 [b],
     'bad_records': i32 [b]}``."""
     transform = transforms.TokenizerTrainTransform(
@@ -219,7 +295,7 @@ def make_tokenizer_iterator(data_config: ml_collections.ConfigDict, global_batch
 def make_eval_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,
                        process_index: int | None = None, process_count: int | None = None,
                        normalize_image: bool = True, split: str | None = None,
-                       drop_remainder: bool = False) -> grain.DatasetIterator:
+                       drop_remainder: bool = False) -> BatchIterator:
     """One pass over the eval split: ``{'image': f32 [b, s, s, 3], 'label': i32 [b]}``.
 
     Images are resized to ``int(s / eval_crop_pct)`` and centre-cropped; ImageNet-normalised when
@@ -237,15 +313,16 @@ class IteratorState:
     """Serialises a grain iterator's position as JSON bytes (for orbax or a side file).
 
     ``IteratorState.save(it)`` → bytes; ``IteratorState.restore(it, data)`` moves a freshly built
-    iterator (same config, seed, process layout and ``num_workers``) to the saved position.
+    iterator (same data, seed and global batch size; any process layout and ``num_workers``) to the saved
+    position.
     """
 
     @staticmethod
-    def save(iterator: grain.DatasetIterator) -> bytes:
+    def save(iterator: BatchIterator) -> bytes:
         return json.dumps(iterator.get_state()).encode('utf-8')
 
     @staticmethod
-    def restore(iterator: grain.DatasetIterator, data: bytes | str) -> grain.DatasetIterator:
+    def restore(iterator: BatchIterator, data: bytes | str) -> BatchIterator:
         state: dict[str, Any] = json.loads(data)
         iterator.set_state(state)
         return iterator

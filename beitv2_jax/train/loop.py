@@ -66,7 +66,11 @@ def resume(manager, state, iterator):
     state, data_state, step = restored
     iterator_state = data_state.get("iterator", data_state) if data_state else None
     if iterator_state:
-        iterator.set_state(iterator_state)
+        try:
+            iterator.set_state(iterator_state)
+        except (ValueError, KeyError) as e:
+            raise ckpt_lib.CheckpointError(f"checkpoint step {step} in {manager.directory}: its data iterator "
+                                           f"state cannot be restored ({e})") from e
     logging.info("resuming at step %d", step)
     return state
 

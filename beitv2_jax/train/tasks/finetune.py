@@ -330,7 +330,7 @@ def init_params(model: vit.VisionTransformer, seed: int) -> tuple:
 def save_model(directory: str, params, cfg: dict, info: Optional[dict] = None) -> None:
     from beitv2_jax.convert import store
 
-    store.save_variables(directory, {"params": jax.device_get(params)}, "vit", cfg, info=info)
+    store.save_variables(directory, {"params": sharding.host_copy(params)}, "vit", cfg, info=info)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):

@@ -341,7 +341,7 @@ def export_teacher(directory: str, teacher_params: dict, model: ibot_lib.IBOT) -
     """The teacher backbone (without the mask token) as a ``vit`` in the converter's store format."""
     from beitv2_jax.convert import store
 
-    params = {k: v for k, v in jax.device_get(teacher_params["backbone"]).items() if k != "mask_token"}
+    params = {k: v for k, v in sharding.host_copy(teacher_params["backbone"]).items() if k != "mask_token"}
     store.save_variables(directory, {"params": params}, "vit", ibot_lib.backbone_export_config(model.backbone),
                          info={"source": "ibot teacher"})
     logging.info("iBOT teacher backbone written to %s", directory)

@@ -130,7 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 def export_model(directory: str, state, cfg: dict) -> None:
     from beitv2_jax.convert import store
 
-    store.save_variables(directory, {"params": jax.device_get(state.params)}, "beit_pretrain", cfg)
+    store.save_variables(directory, {"params": sharding.host_copy(state.params)}, "beit_pretrain", cfg)
     logging.info("pretrained model written to %s", directory)
 
 

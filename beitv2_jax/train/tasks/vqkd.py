@@ -161,7 +161,7 @@ def export_tokenizer(directory: str, state, cfg: dict) -> None:
     """Write the trained tokenizer (params + codebook + its config) in the converter's store format."""
     from beitv2_jax.convert import store
 
-    variables = jax.device_get({"params": state.params, **state.model_state})
+    variables = sharding.host_copy({"params": state.params, **state.model_state})
     store.save_variables(directory, variables, "vqkd", cfg)
     logging.info("tokenizer written to %s", directory)
 
