@@ -10,6 +10,8 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -21,6 +23,7 @@ LOCAL = os.path.join(REPO_ROOT, "launch", "local_gpu.sh")
 BASE = "configs/beitv2_base_pt1k_1600e.py"
 LARGE = "configs/beitv2_large_pt1k_1600e.py"
 OVERRIDES = ["--config.dtype=bfloat16", "--config.mesh.fsdp=4", "--config.data.data_dir=/data/my tfds"]
+GPU_FLAGS = re.search(r'^GPU_XLA_FLAGS_DEFAULT="([^"]*)"$', open(LOCAL).read(), re.M).group(1)
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -189,16 +192,34 @@ esac
     ("t1v-n-abc-w-0,t1v-n-abc-w-1,t1v-n-abc-w-2,t1v-n-abc-w-3", "t1v-n-abc-w-0"),
 ])
 def test_tpu_remote_command_on_fake_workers(stubs, tmp_path, endpoints, coordinator):
-    """Run the printed --command on 4 fake workers: each gets worker 0 as coordinator, 4 processes, its own id."""
+    """Run the printed --command on 4 fake workers: each gets worker 0 as coordinator, 4 processes, its own id; the
+    run is detached (the command returns at once) and records its pid and, at its end, its status. On worker 0 a
+    stale run of the same workdir (a process group recorded in the pid file) is stopped first."""
     env, log = stubs
-    r = _run(TPU, [*TPU_ARGS, "--skip-setup", "--dry-run", "--", *OVERRIDES], env)
+    r = _run(TPU, [*TPU_ARGS, "--skip-setup", "--stop-wait", "5", "--dry-run", "--", *OVERRIDES], env)
     remote = _option(_commands(r.stdout)[0], "--command=")
+    assert "LIBTPU_INIT_ARGS='--xla_tpu_enable_data_parallel_all_reduce_opt=true" in remote
+    stale = None
     for worker in range(4):
         home, curl_dir = _fake_worker(tmp_path, endpoints, worker)
         worker_env = dict(env, HOME=str(home), PATH=f"{curl_dir}:{env['PATH']}")
+        if worker == 0:
+            (home / "beitv2_logs").mkdir()
+            stale = subprocess.Popen(["sleep", "300"], start_new_session=True)
+            reaper = threading.Thread(target=stale.wait, daemon=True)  # reaped at once: `kill -0` sees it gone
+            reaper.start()
+            (home / "beitv2_logs" / "base.pid").write_text(str(stale.pid))
         out = subprocess.run(["bash", "-c", remote], env=worker_env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
+        status = home / "beitv2_logs" / "base.status"
+        for _ in range(200):
+            if status.exists() and status.read_text().strip():
+                break
+            time.sleep(0.05)
+        assert status.read_text().strip() == "done"
         assert (home / "beitv2_logs" / f"base-worker{worker}.log").exists()
+        assert int((home / "beitv2_logs" / "base.pid").read_text()) > 0
+    assert stale.wait(timeout=10) == -15  # SIGTERM, as a run that should save its checkpoint
     calls = _calls(log)
     assert len(calls) == 4
     for worker, call in enumerate(calls):
@@ -306,7 +327,7 @@ def test_local_dry_run_and_real_mode(stubs, tmp_path):
     cd, cmd = _commands(r.stdout)
     assert cd == ["cd", REPO_ROOT]
     expected = ["-m", "beitv2_jax.main", f"--config={BASE}", f"--workdir={tmp_path}/runs/base", *OVERRIDES]
-    assert cmd == ["env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "python", *expected]
+    assert cmd == ["env", "CUDA_VISIBLE_DEVICES=0,1,2,3", f"XLA_FLAGS={GPU_FLAGS}", "python", *expected]
     assert not any("coordinator" in w or "process_id" in w for w in cmd)
     r = _run(LOCAL, args, env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
