@@ -299,6 +299,10 @@ do_start() { run "${RUN_CMD[@]}"; say "started; follow worker 0: $TAIL_HINT"; }
 slice_state() { "${STATE_CMD[@]}" 2>/dev/null | tail -n 1 || true; }
 run_status() { local out; out=$("${STATUS_CMD[@]}" 2>/dev/null | tail -n 1) || out=""; echo "${out:-unreachable}"; }
 
+COMING_UP="CREATING STARTING RESTARTING REPAIRING ACCEPTED WAITING_FOR_RESOURCES PROVISIONING"
+# Wait while the slice is being created (sets $state to the first other state).
+wait_while_coming_up() { while state=$(slice_state); [[ " $COMING_UP " == *" $state "* ]]; do sleep "$POLL"; done; }
+
 watch_loop() {
   local restarts=0 state status
   while true; do
@@ -319,7 +323,8 @@ watch_loop() {
         say "watch: slice ${state:-not found}: recreating it"
         [[ -z $state ]] || run "${DELETE_CMD[@]}" || true
         run "${CREATE_CMD[@]}" || { say "watch: create failed; retrying after $POLL s"; sleep "$POLL"; continue; }
-        until [[ $(slice_state) == READY || $(slice_state) == ACTIVE ]]; do sleep "$POLL"; done
+        wait_while_coming_up
+        [[ $state == READY || $state == ACTIVE ]] || continue  # anything else: the next poll handles it
         do_setup
         do_start ;;
       *) ;;  # CREATING, STARTING, RESTARTING, REPAIRING, WAITING_FOR_RESOURCES, PROVISIONING, ...: wait
@@ -331,7 +336,7 @@ watch_loop() {
 ((CREATE)) && run "${CREATE_CMD[@]}"
 if ((CREATE && QUEUED)); then
   say "waiting for the queued resource $QR_NAME to become ACTIVE"
-  until [[ $(slice_state) == ACTIVE ]]; do sleep "$POLL"; done
+  wait_while_coming_up
 fi
 ((SETUP)) && do_setup
 if ((RUN && !ATTACH)); then do_start; fi
