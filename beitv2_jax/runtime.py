@@ -146,6 +146,13 @@ class RunClock:
 CLOCK = RunClock()
 
 
+def profile_dir(workdir: str) -> str:
+    """``<workdir>/profile``, with a ``process_<i>`` folder per process when there are several (several processes on
+    one host would otherwise write the same ``<host>.xplane.pb``); TensorBoard shows each as a run."""
+    base = os.path.join(workdir, "profile")
+    return os.path.join(base, f"process_{jax.process_index()}") if jax.process_count() > 1 else base
+
+
 class ProfileWindow:
     """``jax.profiler`` trace of the steps ``first..last`` (1-based, as logged) into ``directory``.
 
@@ -153,7 +160,7 @@ class ProfileWindow:
     outputs)`` waits for the step's outputs and stops it after ``last``; ``close()`` stops an unfinished trace (a
     preempted run, or fewer steps than ``last``). A resumed run that starts inside the window traces the rest.
     The trace is ``directory/plugins/profile/<time>/<host>.xplane.pb`` (TensorBoard's profile plugin / XProf) and
-    ``<host>.trace.json.gz`` (Perfetto). Every process traces its own devices.
+    ``<host>.trace.json.gz`` (Perfetto). Every process traces its own devices (see ``profile_dir``).
     """
 
     def __init__(self, steps: Sequence[int], directory: str):

@@ -334,6 +334,8 @@ def validate_config(config: ConfigDict, workdir: Optional[str] = None) -> None:
     if task == "demo":
         check_demo_keys(config)
         validate_run_settings(config)
+        _require(not config.get("profile"), f"config.profile={tuple(config.profile)!r} is per stage in the demo: "
+                                            f"use --config.pretrain.profile (or ibot / vqkd) instead")
         for stage in DEMO_STAGES:
             validate_stage(config[stage], stage, parent=config)
         validate_dataset(config, ("train_split", "eval_split"))

@@ -10,7 +10,8 @@ set -euo pipefail
 # XLA flags for GPUs (docs/scaling.md "Operations"): the latency-hiding scheduler overlaps the gradient all-reduce /
 # fsdp all-gathers with compute, and collectives get the highest-priority stream. Your own XLA_FLAGS come after
 # them (and win on a repeated flag).
-GPU_XLA_FLAGS_DEFAULT="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_highest_priority_async_stream=true"
+GPU_XLA_FLAGS_DEFAULT="--xla_gpu_enable_latency_hiding_scheduler=true"
+GPU_XLA_FLAGS_DEFAULT+=" --xla_gpu_enable_highest_priority_async_stream=true"
 
 usage() {
   cat <<'EOF'

@@ -6,7 +6,8 @@
 #
 #   launch/tpu_pod.sh --tpu my-v5p --zone us-east5-a --project my-project --create --accelerator-type v5p-128 \
 #       --spot --watch --config configs/beitv2_base_pt1k_1600e.py --workdir gs://my-bucket/runs/base \
-#       -- --config.dtype=bfloat16 --config.tokenizer.checkpoint=gs://my-bucket/tok --config.data.data_dir=gs://my-bucket/tfds
+#       -- --config.dtype=bfloat16 --config.tokenizer.checkpoint=gs://my-bucket/tok \
+#       --config.data.data_dir=gs://my-bucket/tfds
 #
 # Each worker learns its process id and the coordinator (worker 0) from the TPU VM metadata server, as
 # jax.distributed does on Cloud TPU, and passes them to beitv2_jax.main explicitly.
@@ -16,10 +17,12 @@ set -euo pipefail
 JAX_VERSION_DEFAULT=0.10.2
 # libtpu's XLA flags (LIBTPU_INIT_ARGS), see docs/scaling.md "Operations": run the data-parallel gradient all-reduce
 # and the fsdp all-gathers asynchronously, fused with and overlapped by compute.
-LIBTPU_ARGS_DEFAULT="--xla_tpu_enable_data_parallel_all_reduce_opt=true --xla_tpu_data_parallel_opt_different_sized_ops=true"
-LIBTPU_ARGS_DEFAULT+=" --xla_tpu_enable_async_collective_fusion=true --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true"
-LIBTPU_ARGS_DEFAULT+=" --xla_tpu_enable_async_collective_fusion_multiple_steps=true --xla_tpu_overlap_compute_collective_tc=true"
-LIBTPU_ARGS_DEFAULT+=" --xla_enable_async_all_gather=true"
+LIBTPU_ARGS_DEFAULT="--xla_tpu_enable_data_parallel_all_reduce_opt=true"
+LIBTPU_ARGS_DEFAULT+=" --xla_tpu_data_parallel_opt_different_sized_ops=true"
+LIBTPU_ARGS_DEFAULT+=" --xla_tpu_enable_async_collective_fusion=true"
+LIBTPU_ARGS_DEFAULT+=" --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true"
+LIBTPU_ARGS_DEFAULT+=" --xla_tpu_enable_async_collective_fusion_multiple_steps=true"
+LIBTPU_ARGS_DEFAULT+=" --xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true"
 
 usage() {
   cat <<'EOF'
@@ -198,7 +201,8 @@ if ((QUEUED)); then
   CREATE_CMD=(gcloud compute tpus queued-resources create "$QR_NAME" "--node-id=$TPU" "${GCLOUD_WHERE[@]}"
               "--accelerator-type=$ACCEL" "--runtime-version=$VERSION")
   DELETE_CMD=(gcloud compute tpus queued-resources delete "$QR_NAME" "${GCLOUD_WHERE[@]}" --force --quiet)
-  STATE_CMD=(gcloud compute tpus queued-resources describe "$QR_NAME" "${GCLOUD_WHERE[@]}" "--format=value(state.state)")
+  STATE_CMD=(gcloud compute tpus queued-resources describe "$QR_NAME" "${GCLOUD_WHERE[@]}"
+             "--format=value(state.state)")
 else
   CREATE_CMD=(gcloud compute tpus tpu-vm create "$TPU" "${GCLOUD_WHERE[@]}" "--accelerator-type=$ACCEL"
               "--version=$VERSION")

@@ -23,7 +23,14 @@ LOCAL = os.path.join(REPO_ROOT, "launch", "local_gpu.sh")
 BASE = "configs/beitv2_base_pt1k_1600e.py"
 LARGE = "configs/beitv2_large_pt1k_1600e.py"
 OVERRIDES = ["--config.dtype=bfloat16", "--config.mesh.fsdp=4", "--config.data.data_dir=/data/my tfds"]
-GPU_FLAGS = re.search(r'^GPU_XLA_FLAGS_DEFAULT="([^"]*)"$', open(LOCAL).read(), re.M).group(1)
+
+
+def _script_value(script, name):
+    """The value a launcher assigns to ``name`` (``NAME="..."`` then ``NAME+=" ..."`` lines)."""
+    return "".join(re.findall(rf'^{name}\+?="([^"]*)"$', open(script).read(), re.M))
+
+
+GPU_FLAGS = _script_value(LOCAL, "GPU_XLA_FLAGS_DEFAULT")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -474,7 +481,7 @@ def test_gs_workdirs_are_kept_by_every_launcher(stubs):
 
 def test_gpu_xla_flags_are_known_to_the_installed_jaxlib(stubs):
     """The launchers' GPU flags (the same in local_gpu.sh and slurm.sbatch) parse: XLA aborts on an unknown flag."""
-    assert f'GPU_XLA_FLAGS_DEFAULT="{GPU_FLAGS}"' in open(SLURM).read()
+    assert _script_value(SLURM, "GPU_XLA_FLAGS_DEFAULT") == GPU_FLAGS and GPU_FLAGS.count("--xla_gpu_") == 2
     env = dict(os.environ, XLA_FLAGS=GPU_FLAGS, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
                          env=env, capture_output=True, text=True, timeout=120)

@@ -136,6 +136,22 @@ def test_bad_profile_is_one_clear_error(value):
         validate.validate_run_settings(config)
 
 
+def test_demo_profile_belongs_to_a_stage():
+    from conftest import load_config_file
+
+    config = load_config_file("demo")
+    config.profile = (10, 12)
+    with pytest.raises(validate.ConfigError, match=r"per stage in the demo: use --config.pretrain.profile"):
+        validate.validate_config(config)
+
+
+def test_profile_dir_per_process(monkeypatch):
+    assert runtime.profile_dir("/w") == "/w/profile"
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    monkeypatch.setattr(jax, "process_index", lambda: 3)
+    assert runtime.profile_dir("gs://b/w") == "gs://b/w/profile/process_3"
+
+
 def test_new_keys_are_operational():
     old = json.loads(recipes.base_run("pretrain").to_json_best_effort())
     for key in ("compilation_cache_dir", "profile"):

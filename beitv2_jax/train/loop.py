@@ -17,7 +17,6 @@ Reliability contract (issue #8):
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 import time
@@ -181,7 +180,7 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
     Saves every ``checkpoint_every`` steps, at the end and on SIGTERM (then raises ``Preempted``); raises
     ``NonFiniteError`` after ``max_bad_steps`` consecutive non-finite steps. The batches of the steps in
     ``inject_nan_steps`` (1-based, as logged) are poisoned with NaN to exercise the guard. ``profile`` =
-    (first, last) traces those steps with ``jax.profiler`` into ``<workdir>/profile`` (``runtime.ProfileWindow``).
+    (first, last) traces those steps with ``jax.profiler`` into ``runtime.profile_dir(workdir)``.
     Each metrics row also has ``data_wait_s``, ``step_s``, ``goodput`` (and ``compile_s`` once), see ``_MetricsLog``.
     """
     own_writer = writer is None
@@ -193,7 +192,7 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
     counters = RunCounters(saved, guard)
     stop = StopRequest(manager)
     log = _MetricsLog(writer, start, total_steps, batch_size, desc)
-    profiler = runtime.ProfileWindow(profile, os.path.join(workdir, "profile"))
+    profiler = runtime.ProfileWindow(profile, runtime.profile_dir(workdir))
     try:
         for step in range(start, total_steps):
             done = step + 1
