@@ -295,11 +295,9 @@ do_setup() {
   if [[ -n $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
     say "tpu_pod.sh: warning: uncommitted changes are not shipped (git archive $REF)"
   fi
-  run "${ARCHIVE_CMD[@]}"
-  run "${SCP_CMD[@]}"
-  run "${SETUP_CMD[@]}"
+  run "${ARCHIVE_CMD[@]}" && run "${SCP_CMD[@]}" && run "${SETUP_CMD[@]}"
 }
-do_start() { run "${RUN_CMD[@]}"; say "started; follow worker 0: $TAIL_HINT"; }
+do_start() { run "${RUN_CMD[@]}" && say "started; follow worker 0: $TAIL_HINT"; }
 slice_state() { "${STATE_CMD[@]}" 2>/dev/null | tail -n 1 || true; }
 run_status() { local out; out=$("${STATUS_CMD[@]}" 2>/dev/null | tail -n 1) || out=""; echo "${out:-unreachable}"; }
 
@@ -307,8 +305,10 @@ COMING_UP="CREATING STARTING RESTARTING REPAIRING ACCEPTED WAITING_FOR_RESOURCES
 # Wait while the slice is being created (sets $state to the first other state).
 wait_while_coming_up() { while state=$(slice_state); [[ " $COMING_UP " == *" $state "* ]]; do sleep "$POLL"; done; }
 
+# The watch survives failing gcloud calls (a slice preempted mid-command, a network error): the next poll retries;
+# a recreated slice is set up before its first start.
 watch_loop() {
-  local restarts=0 state status
+  local restarts=0 state status need_setup=0
   while true; do
     state=$(slice_state)
     case ${state:-NOT_FOUND} in
@@ -320,17 +320,19 @@ watch_loop() {
           failed:*) say "watch: the run failed ($status); not restarting (see the worker logs)"; return 1 ;;
           *) ((restarts++ < MAX_RESTARTS)) || { say "watch: $MAX_RESTARTS restarts reached"; return 1; }
              say "watch: slice $state, run $status: starting it again"
-             do_start ;;
+             if ((need_setup)); then do_setup && need_setup=0 || { say "watch: setup failed"; sleep "$POLL"; continue; }; fi
+             do_start || say "watch: start failed; the next poll retries" ;;
         esac ;;
       PREEMPTED|TERMINATED|STOPPED|SUSPENDED|FAILED|NOT_FOUND)
         ((restarts++ < MAX_RESTARTS)) || { say "watch: $MAX_RESTARTS restarts reached"; return 1; }
         say "watch: slice ${state:-not found}: recreating it"
         [[ -z $state ]] || run "${DELETE_CMD[@]}" || true
         run "${CREATE_CMD[@]}" || { say "watch: create failed; retrying after $POLL s"; sleep "$POLL"; continue; }
+        need_setup=1
         wait_while_coming_up
         [[ $state == READY || $state == ACTIVE ]] || continue  # anything else: the next poll handles it
-        do_setup
-        do_start ;;
+        do_setup && need_setup=0 || { say "watch: setup failed; the next poll retries"; sleep "$POLL"; continue; }
+        do_start || say "watch: start failed; the next poll retries" ;;
       *) ;;  # CREATING, STARTING, RESTARTING, REPAIRING, WAITING_FOR_RESOURCES, PROVISIONING, ...: wait
     esac
     sleep "$POLL"
@@ -343,5 +345,7 @@ if ((CREATE && QUEUED)); then
   wait_while_coming_up
 fi
 ((SETUP)) && do_setup
-if ((RUN && !ATTACH)); then do_start; fi
+if ((RUN && !ATTACH)); then
+  if ((WATCH)); then do_start || say "start failed; the watch retries"; else do_start; fi
+fi
 if ((WATCH)); then watch_loop; fi

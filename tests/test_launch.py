@@ -422,6 +422,10 @@ state = json.load(open(os.environ["FAKE_STATE"]))
 args = sys.argv[1:]
 with open(os.environ["STUB_LOG"], "a") as f:
     f.write(json.dumps({{"name": "gcloud", "argv": args}}) + "\\n")
+if "--worker=all" in args and state.get("fail_starts", 0) and "beitv2_jax.main" in " ".join(args):
+    state["fail_starts"] -= 1
+    json.dump(state, open(os.environ["FAKE_STATE"], "w"))
+    sys.exit(255)  # ssh's exit status when the connection fails
 if "describe" in args:
     print(state["states"].pop(0))
 elif "ssh" in args and "--worker=0" in args:
@@ -490,3 +494,16 @@ def test_gpu_xla_flags_are_known_to_the_installed_jaxlib(stubs):
     r = _run(SLURM, ["--dry-run", "--config", BASE, "--workdir", "/w", "--xla-flags", ""], _slurm_env(env))
     task = _commands(r.stdout)[0][_commands(r.stdout)[0].index("-c") + 1]
     assert "XLA_FLAGS" not in task and "NCCL_DEBUG=${NCCL_DEBUG:-WARN}" in task
+
+
+def test_tpu_watch_survives_a_failed_start(stubs, tmp_path):
+    env, log = stubs
+    _write_exe(tmp_path / "bin" / "gcloud", FAKE_GCLOUD.format(python=sys.executable))
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"states": ["READY"] * 3, "statuses": ["none", "none", "done"], "fail_starts": 1}))
+    attach = [a for a in SPOT_ARGS if a != "--create"] + ["--skip-setup", "--watch", "--attach", "--poll", "0"]
+    r = _run(TPU, attach, dict(env, FAKE_STATE=str(state)))
+    assert r.returncode == 0, r.stderr
+    assert "start failed; the next poll retries" in r.stderr and "run is done" in r.stderr
+    assert [c["argv"][3] for c in _calls(log)] == ["describe", "ssh", "ssh", "describe", "ssh", "ssh", "describe",
+                                                   "ssh"]
