@@ -161,8 +161,9 @@ def main(argv):
     if not FLAGS.workdir:
         _die("--workdir is required")
     check_local_workdir(FLAGS.workdir)
-    from beitv2_jax import distributed
+    from beitv2_jax import distributed, runtime
 
+    runtime.CLOCK.begin()  # goodput counts from here
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -171,7 +172,15 @@ def main(argv):
         validate.validate_config(config, FLAGS.workdir)
     except validate.ConfigError as e:
         _die(str(e))
-    run_reporting_outcome(config, FLAGS.workdir)
+    try:
+        runtime.setup_compilation_cache(config.get("compilation_cache_dir", ""), FLAGS.workdir)
+    except OSError as e:
+        _die(f"config.compilation_cache_dir: {e}")
+    runtime.COMPILE_STATS.track()
+    try:
+        run_reporting_outcome(config, FLAGS.workdir)
+    finally:
+        logging.info("compilation: %s", runtime.COMPILE_STATS.summary())
 
 
 def run_reporting_outcome(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -9,7 +9,8 @@ def base_run(task: str) -> ml_collections.ConfigDict:
     c.task = task
     c.seed = 0
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and optimizer state stay float32)
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # per slice; dcn_data = slices the data axis spans over the data-centre network (multi-slice TPU)
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1})
     c.data = default_data_config()
     c.batch_size = 2048  # global batch over all hosts
     c.eval_batch_size = 0  # 0 = batch_size
@@ -21,6 +22,10 @@ def base_run(task: str) -> ml_collections.ConfigDict:
     c.max_bad_steps = 10  # consecutive non-finite steps before the run stops
     c.divergence_factor = 10.0  # stop when a step loss exceeds this × the running median of recent ones; 0 = off
     c.allow_config_change = False  # resume a workdir whose config.json differs
+    # Persistent XLA compilation cache: "auto" = <workdir's parent>/jax_compilation_cache (gs:// too; $HOME/.cache
+    # when that is not writable), "" = off, else that directory. Read once per process (the demo: its top level).
+    c.compilation_cache_dir = "auto"
+    c.profile = ()  # (first_step, last_step), 1-based as logged: a jax.profiler trace of them in <workdir>/profile
     return c
 
 

@@ -25,7 +25,8 @@ OPTIONAL_KEYS = {
 # Keys that may change between the runs of one workdir (they do not change the results; the data iterator's
 # checkpointed state is the global batch index, the same for any num_workers and any process count).
 OPERATIONAL_KEYS = frozenset({"allow_config_change", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                              "max_bad_steps", "divergence_factor", "inject_nan_steps", "num_workers", "read_threads", "prefetch_batches"})
+                              "max_bad_steps", "divergence_factor", "inject_nan_steps", "num_workers", "read_threads",
+                              "prefetch_batches", "compilation_cache_dir", "profile", "dcn_data"})
 DTYPES = ("float32", "bfloat16")
 INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest")
 TEACHER_KINDS = ("clip", "dino", "vit_checkpoint")
@@ -221,6 +222,14 @@ def validate_run_settings(config: ConfigDict) -> None:
         _require(isinstance(value, int) and value >= 0, f"config.{key} must be an integer >= 0, got {value!r}")
     if "dtype" in config:
         _one_of(config, "dtype", DTYPES)
+    profile = config.get("profile") or ()
+    _require(len(profile) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in profile)
+             and 1 <= profile[0] <= profile[1] or not profile,
+             f"config.profile must be () or (first_step, last_step) with 1 <= first_step <= last_step, got "
+             f"{tuple(profile)!r}")
+    cache = config.get("compilation_cache_dir", "")
+    _require(isinstance(cache, str), f"config.compilation_cache_dir must be 'auto', '' (off) or a directory, "
+                                     f"got {cache!r}")
     steps = config.get("inject_nan_steps") or ()
     _require(all(isinstance(s, int) and s > 0 for s in steps),
              f"config.inject_nan_steps must be a list of step numbers >= 1, got {steps!r}")
@@ -381,6 +390,8 @@ def validate_config(config: ConfigDict, workdir: Optional[str] = None) -> None:
     if task == "demo":
         check_demo_keys(config)
         validate_run_settings(config)
+        _require(not config.get("profile"), f"config.profile={tuple(config.profile)!r} is per stage in the demo: "
+                                            f"use --config.pretrain.profile (or ibot / vqkd) instead")
         for stage in DEMO_STAGES:
             validate_stage(config[stage], stage, parent=config)
         validate_dataset(config, ("train_split", "eval_split"))

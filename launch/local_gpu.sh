@@ -7,6 +7,12 @@
 # The batch is split over all GPUs of the process (config.mesh, default data=-1); no coordinator is needed.
 set -euo pipefail
 
+# XLA flags for GPUs (docs/scaling.md "Operations"): the latency-hiding scheduler overlaps the gradient all-reduce /
+# fsdp all-gathers with compute, and collectives get the highest-priority stream. Your own XLA_FLAGS come after
+# them (and win on a repeated flag).
+GPU_XLA_FLAGS_DEFAULT="--xla_gpu_enable_latency_hiding_scheduler=true"
+GPU_XLA_FLAGS_DEFAULT+=" --xla_gpu_enable_highest_priority_async_stream=true"
+
 usage() {
   cat <<'EOF'
 Usage: launch/local_gpu.sh --config FILE --workdir DIR [options] [-- MAIN_FLAGS...]
@@ -15,9 +21,10 @@ Runs `python -m beitv2_jax.main` once on this machine; JAX uses all visible GPUs
 
 Options:
   --config FILE     config file (configs/<name>.py, optionally FILE:arg)            (required)
-  --workdir DIR     checkpoints, metrics and outputs of the run                       (required)
+  --workdir DIR     checkpoints, metrics and outputs of the run (a path or gs://BUCKET/PATH)  (required)
   --gpus LIST       CUDA_VISIBLE_DEVICES for the run, e.g. 0,1,2,3 (default: all visible GPUs)
   --python PY       Python interpreter (default: $PYTHON or `python`)
+  --xla-flags STR   XLA flags put before $XLA_FLAGS (default: the recommended GPU flags; "" = none)
   --log FILE        also append the run's output to FILE
   --dry-run         print the exact commands and run nothing
   -h, --help        this help
@@ -36,7 +43,7 @@ q() {
 cmd_line() { local out="" w; for w in "$@"; do out+="${out:+ }$(q "$w")"; done; printf '%s' "$out"; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-CONFIG="" WORKDIR="" GPUS="" PY=${PYTHON:-python} LOG="" DRY_RUN=0
+CONFIG="" WORKDIR="" GPUS="" PY=${PYTHON:-python} LOG="" DRY_RUN=0 XLA_FLAGS_SET=$GPU_XLA_FLAGS_DEFAULT
 OVERRIDES=()
 need() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"; }
 while (($#)); do
@@ -49,6 +56,8 @@ while (($#)); do
     --gpus) need "$@"; GPUS=$2; shift 2 ;;
     --gpus=*) GPUS=${1#*=}; shift ;;
     --python) need "$@"; PY=$2; shift 2 ;;
+    --xla-flags) [[ $# -ge 2 ]] || die "--xla-flags needs a value"; XLA_FLAGS_SET=$2; shift 2 ;;
+    --xla-flags=*) XLA_FLAGS_SET=${1#*=}; shift ;;
     --python=*) PY=${1#*=}; shift ;;
     --log) need "$@"; LOG=$2; shift 2 ;;
     --log=*) LOG=${1#*=}; shift ;;
@@ -67,17 +76,20 @@ done
 [[ -z $GPUS || $GPUS =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpus must look like 0,1,2,3, got '$GPUS'"
 
 # The command runs in the repository root: a config path relative to it stays as given; one relative to the
-# current directory becomes absolute, as does a relative --workdir.
+# current directory becomes absolute, as does a relative --workdir (a URI such as gs://... stays as given).
 config_file=${CONFIG%%:*}
 if [[ $config_file != /* && -f $REPO/$config_file ]]; then :
 elif [[ -f $config_file ]]; then
   [[ $config_file == /* ]] || CONFIG=$PWD/$CONFIG
 else die "config file not found: $config_file"; fi
-[[ $WORKDIR == /* ]] || WORKDIR=$PWD/$WORKDIR
+[[ $WORKDIR == /* || $WORKDIR == *://* ]] || WORKDIR=$PWD/$WORKDIR
 
 MAIN=("$PY" -m beitv2_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
 ENVS=()
-[[ -z $GPUS ]] || ENVS=(env "CUDA_VISIBLE_DEVICES=$GPUS")
+[[ -z $GPUS ]] || ENVS+=("CUDA_VISIBLE_DEVICES=$GPUS")
+FLAGS="$XLA_FLAGS_SET${XLA_FLAGS:+ $XLA_FLAGS}"
+[[ -z $FLAGS ]] || ENVS+=("XLA_FLAGS=$FLAGS")
+((${#ENVS[@]} == 0)) || ENVS=(env "${ENVS[@]}")
 RUN=(${ENVS[@]+"${ENVS[@]}"} "${MAIN[@]}")
 TEE=""
 [[ -z $LOG ]] || TEE=" 2>&1 | tee -a $(q "$LOG")"

@@ -10,6 +10,8 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -21,6 +23,14 @@ LOCAL = os.path.join(REPO_ROOT, "launch", "local_gpu.sh")
 BASE = "configs/beitv2_base_pt1k_1600e.py"
 LARGE = "configs/beitv2_large_pt1k_1600e.py"
 OVERRIDES = ["--config.dtype=bfloat16", "--config.mesh.fsdp=4", "--config.data.data_dir=/data/my tfds"]
+
+
+def _script_value(script, name):
+    """The value a launcher assigns to ``name`` (``NAME="..."`` then ``NAME+=" ..."`` lines)."""
+    return "".join(re.findall(rf'^{name}\+?="([^"]*)"$', open(script).read(), re.M))
+
+
+GPU_FLAGS = _script_value(LOCAL, "GPU_XLA_FLAGS_DEFAULT")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -189,16 +199,34 @@ esac
     ("t1v-n-abc-w-0,t1v-n-abc-w-1,t1v-n-abc-w-2,t1v-n-abc-w-3", "t1v-n-abc-w-0"),
 ])
 def test_tpu_remote_command_on_fake_workers(stubs, tmp_path, endpoints, coordinator):
-    """Run the printed --command on 4 fake workers: each gets worker 0 as coordinator, 4 processes, its own id."""
+    """Run the printed --command on 4 fake workers: each gets worker 0 as coordinator, 4 processes, its own id; the
+    run is detached (the command returns at once) and records its pid and, at its end, its status. On worker 0 a
+    stale run of the same workdir (a process group recorded in the pid file) is stopped first."""
     env, log = stubs
-    r = _run(TPU, [*TPU_ARGS, "--skip-setup", "--dry-run", "--", *OVERRIDES], env)
+    r = _run(TPU, [*TPU_ARGS, "--skip-setup", "--stop-wait", "5", "--dry-run", "--", *OVERRIDES], env)
     remote = _option(_commands(r.stdout)[0], "--command=")
+    assert "LIBTPU_INIT_ARGS='--xla_tpu_enable_data_parallel_all_reduce_opt=true" in remote
+    stale = None
     for worker in range(4):
         home, curl_dir = _fake_worker(tmp_path, endpoints, worker)
         worker_env = dict(env, HOME=str(home), PATH=f"{curl_dir}:{env['PATH']}")
+        if worker == 0:
+            (home / "beitv2_logs").mkdir()
+            stale = subprocess.Popen(["sleep", "300"], start_new_session=True)
+            reaper = threading.Thread(target=stale.wait, daemon=True)  # reaped at once: `kill -0` sees it gone
+            reaper.start()
+            (home / "beitv2_logs" / "base.pid").write_text(str(stale.pid))
         out = subprocess.run(["bash", "-c", remote], env=worker_env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
+        status = home / "beitv2_logs" / "base.status"
+        for _ in range(200):
+            if status.exists() and status.read_text().strip():
+                break
+            time.sleep(0.05)
+        assert status.read_text().strip() == "done"
         assert (home / "beitv2_logs" / f"base-worker{worker}.log").exists()
+        assert int((home / "beitv2_logs" / "base.pid").read_text()) > 0
+    assert stale.wait(timeout=10) == -15  # SIGTERM, as a run that should save its checkpoint
     calls = _calls(log)
     assert len(calls) == 4
     for worker, call in enumerate(calls):
@@ -306,7 +334,7 @@ def test_local_dry_run_and_real_mode(stubs, tmp_path):
     cd, cmd = _commands(r.stdout)
     assert cd == ["cd", REPO_ROOT]
     expected = ["-m", "beitv2_jax.main", f"--config={BASE}", f"--workdir={tmp_path}/runs/base", *OVERRIDES]
-    assert cmd == ["env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "python", *expected]
+    assert cmd == ["env", "CUDA_VISIBLE_DEVICES=0,1,2,3", f"XLA_FLAGS={GPU_FLAGS}", "python", *expected]
     assert not any("coordinator" in w or "process_id" in w for w in cmd)
     r = _run(LOCAL, args, env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -340,3 +368,142 @@ def test_scaling_doc_tables_are_the_scripts_output(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout == tables
     assert "pretraining model **106,143,056**" in tables and "**163.7 GFLOPs**" in tables
+
+
+# ----------------------------------------------------------------------------------------------- Spot / watch
+SPOT_ARGS = ["--tpu", "beitv2-v5p", "--zone", "us-east5-a", "--project", "my-project", "--create",
+             "--accelerator-type", "v5p-128", "--spot", "--config", BASE, "--workdir", "gs://my-bucket/runs/base"]
+
+
+def test_tpu_spot_watch_dry_run_prints_create_start_and_the_recovery(stubs):
+    env, log = stubs
+    r = _run(TPU, [*SPOT_ARGS, "--watch", "--dry-run", "--", *OVERRIDES], env)
+    assert r.returncode == 0, r.stderr
+    assert _calls(log) == []
+    cmds = _commands(r.stdout)
+    kinds = [" ".join(c[:5]) if c[0] == "gcloud" else c[0] for c in cmds]
+    assert kinds == ["gcloud compute tpus tpu-vm create", "git", "gcloud compute tpus tpu-vm scp",
+                     "gcloud compute tpus tpu-vm ssh", "gcloud compute tpus tpu-vm ssh",  # create, setup, start
+                     "gcloud compute tpus tpu-vm describe", "gcloud compute tpus tpu-vm ssh",  # watch: state, status
+                     "gcloud compute tpus tpu-vm delete", "gcloud compute tpus tpu-vm create", "git",
+                     "gcloud compute tpus tpu-vm scp", "gcloud compute tpus tpu-vm ssh",
+                     "gcloud compute tpus tpu-vm ssh",  # preempted slice: recreate, setup, start
+                     "gcloud compute tpus tpu-vm ssh"]  # stopped run on a live slice: start
+    create, start = cmds[0], cmds[4]
+    assert {"--accelerator-type=v5p-128", "--version=v2-alpha-tpuv5", "--spot"} <= set(create)
+    assert cmds[8] == create and cmds[12] == start == cmds[13]
+    remote = _option(start, "--command=")
+    for piece in ("--workdir=gs://my-bucket/runs/base", "setsid nohup", "rm -f /tmp/libtpu_lockfile",
+                  "kill -TERM -- -$P", "export LIBTPU_INIT_ARGS=", "> $HOME/beitv2_logs/base.pid"):
+        assert piece in remote, piece
+    assert "--worker=0" in cmds[6] and "--format=value(state)" in cmds[5]
+    queued = _commands(_run(TPU, [*SPOT_ARGS, "--queued", "--dry-run"], env).stdout)[0]
+    assert queued[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "beitv2-v5p-qr"]
+    assert {"--node-id=beitv2-v5p", "--runtime-version=v2-alpha-tpuv5", "--spot"} <= set(queued)
+
+
+def test_tpu_pins_a_jax_version_allowed_by_requirements(stubs):
+    from packaging.requirements import Requirement
+
+    pinned = re.search(r"^JAX_VERSION_DEFAULT=(\S+)$", open(TPU).read(), re.M).group(1)
+    (jax_req,) = [Requirement(line.strip()) for line in open(os.path.join(REPO_ROOT, "requirements.txt"))
+                  if line.startswith("jax") and not line.startswith("jaxlib")]
+    assert jax_req.specifier.contains(pinned)
+    env, _ = stubs
+    setup = _commands(_run(TPU, ["--tpu", "t", "--zone", "z", "--setup-only", "--dry-run"], env).stdout)[-1]
+    assert f'"jax[tpu]=={pinned}"' in _option(setup, "--command=")
+
+
+# A gcloud that plays a Spot slice: `describe` answers the next state of $STATES, an ssh to worker 0 the next
+# status of $STATUSES (the watch's poll); every call is recorded.
+FAKE_GCLOUD = """#!{python}
+import json, os, sys
+state = json.load(open(os.environ["FAKE_STATE"]))
+args = sys.argv[1:]
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(json.dumps({{"name": "gcloud", "argv": args}}) + "\\n")
+if "--worker=all" in args and state.get("fail_starts", 0) and "beitv2_jax.main" in " ".join(args):
+    state["fail_starts"] -= 1
+    json.dump(state, open(os.environ["FAKE_STATE"], "w"))
+    sys.exit(255)  # ssh's exit status when the connection fails
+if "describe" in args:
+    print(state["states"].pop(0))
+elif "ssh" in args and "--worker=0" in args:
+    print(state["statuses"].pop(0))
+json.dump(state, open(os.environ["FAKE_STATE"], "w"))
+"""
+
+
+def test_tpu_watch_recreates_a_preempted_slice_and_restarts_a_stopped_run(stubs, tmp_path):
+    env, log = stubs
+    _write_exe(tmp_path / "bin" / "gcloud", FAKE_GCLOUD.format(python=sys.executable))
+    state = tmp_path / "state.json"
+    # poll 1: running; poll 2: slice preempted -> recreate (2 describes while it comes up); poll 3: the run
+    # stopped (preempted on a live slice) -> start; poll 4: done -> exit 0
+    state.write_text(json.dumps({"states": ["READY", "PREEMPTED", "CREATING", "READY", "READY", "READY"],
+                                 "statuses": ["running", "preempted", "done"]}))
+    args = [*SPOT_ARGS, "--skip-setup", "--watch", "--poll", "0", "--", *OVERRIDES]
+    printed = _commands(_run(TPU, ["--dry-run", *args], env).stdout)
+    r = _run(TPU, args, dict(env, FAKE_STATE=str(state)))
+    assert r.returncode == 0, r.stderr
+    calls = [["gcloud", *c["argv"]] for c in _calls(log)]
+    create, start, describe, status, delete = printed[0], printed[1], printed[2], printed[3], printed[4]
+    archive_scp_setup = [c for c in calls if c[4] in ("scp",) or (c[4] == "ssh" and "--worker=all" in c
+                                                                    and "pip install" in " ".join(c))]
+    assert calls == [create, start,
+                     describe, status,  # running
+                     describe, delete, create, describe, describe, *archive_scp_setup, start,  # recreated
+                     describe, status, start,  # preempted run on a READY slice
+                     describe, status]  # done
+    assert len(archive_scp_setup) == 2  # scp + install after the recreation (git archive runs here, not in gcloud)
+    assert "run is done" in r.stderr and "recreating" in r.stderr and "starting it again" in r.stderr
+    assert json.loads(state.read_text()) == {"states": [], "statuses": []}
+
+
+def test_tpu_watch_stops_on_a_failed_run(stubs, tmp_path):
+    env, log = stubs
+    _write_exe(tmp_path / "bin" / "gcloud", FAKE_GCLOUD.format(python=sys.executable))
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"states": ["READY"], "statuses": ["failed:1"]}))
+    attach = [a for a in SPOT_ARGS if a != "--create"] + ["--skip-setup", "--watch", "--attach", "--poll", "0"]
+    r = _run(TPU, attach, dict(env, FAKE_STATE=str(state)))
+    assert r.returncode == 1 and "failed:1" in r.stderr
+    assert [c["argv"][3] for c in _calls(log)] == ["describe", "ssh"]  # attached: nothing created or started
+
+
+# ----------------------------------------------------------------------------------------------- gs://, XLA flags
+def test_gs_workdirs_are_kept_by_every_launcher(stubs):
+    env, _ = stubs
+    r = _run(LOCAL, ["--config", BASE, "--workdir", "gs://b/runs/x", "--dry-run"], env)
+    assert r.returncode == 0 and "--workdir=gs://b/runs/x" in _commands(r.stdout)[-1]
+    r = _run(SLURM, ["--dry-run", "--config", BASE, "--workdir", "gs://b/runs/x"], _slurm_env(env))
+    assert r.returncode == 0 and "--workdir=gs://b/runs/x" in _commands(r.stdout)[0]
+    r = _run(TPU, ["--tpu", "t", "--zone", "z", "--skip-setup", "--config", BASE, "--workdir", "gs://b/runs/x",
+                   "--dry-run"], env)
+    assert r.returncode == 0 and "--workdir=gs://b/runs/x" in _option(_commands(r.stdout)[0], "--command=")
+
+
+def test_gpu_xla_flags_are_known_to_the_installed_jaxlib(stubs):
+    """The launchers' GPU flags (the same in local_gpu.sh and slurm.sbatch) parse: XLA aborts on an unknown flag."""
+    assert _script_value(SLURM, "GPU_XLA_FLAGS_DEFAULT") == GPU_FLAGS and GPU_FLAGS.count("--xla_gpu_") == 2
+    env = dict(os.environ, XLA_FLAGS=GPU_FLAGS, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr[-1000:]
+    env, log = stubs
+    r = _run(SLURM, ["--dry-run", "--config", BASE, "--workdir", "/w", "--xla-flags", ""], _slurm_env(env))
+    task = _commands(r.stdout)[0][_commands(r.stdout)[0].index("-c") + 1]
+    assert "XLA_FLAGS" not in task and "NCCL_DEBUG=${NCCL_DEBUG:-WARN}" in task
+
+
+def test_tpu_watch_survives_a_failed_start(stubs, tmp_path):
+    env, log = stubs
+    _write_exe(tmp_path / "bin" / "gcloud", FAKE_GCLOUD.format(python=sys.executable))
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"states": ["READY"] * 3, "statuses": ["none", "none", "done"], "fail_starts": 1}))
+    attach = [a for a in SPOT_ARGS if a != "--create"] + ["--skip-setup", "--watch", "--attach", "--poll", "0"]
+    r = _run(TPU, attach, dict(env, FAKE_STATE=str(state)))
+    assert r.returncode == 0, r.stderr
+    assert "start failed; the next poll retries" in r.stderr and "run is done" in r.stderr
+    assert [c["argv"][3] for c in _calls(log)] == ["describe", "ssh", "ssh", "describe", "ssh", "ssh", "describe",
+                                                   "ssh"]

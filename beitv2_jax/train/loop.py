@@ -21,6 +21,7 @@ Reliability contract (issue #8):
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -32,6 +33,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from beitv2_jax import runtime
 from beitv2_jax.train import checkpoint as ckpt_lib
 from beitv2_jax.train import sharding
 from beitv2_jax.train.metrics import MetricsWriter
@@ -219,7 +221,8 @@ class RunCounters:
 def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, total_steps: int,
         steps_per_epoch: int, batch_size: int, log_every: int = 50, checkpoint_every: int = 1000,
         max_bad_steps: int = 10, divergence_factor: float = 0.0, manager=None, writer: Optional[MetricsWriter] = None,
-        epoch_end: Optional[Callable] = None, desc: str = "train", inject_nan_steps: Sequence[int] = ()):
+        epoch_end: Optional[Callable] = None, desc: str = "train", inject_nan_steps: Sequence[int] = (),
+        profile: Sequence[int] = ()):
     """Run ``train_step(state, batch) -> (state, metrics)`` from ``state.step`` to ``total_steps``.
 
     Metrics are averaged over each logging window and written with the cumulative ``bad_records`` and
@@ -227,7 +230,9 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
     Saves every ``checkpoint_every`` steps, at the end and on SIGTERM (then raises ``Preempted``); raises
     ``NonFiniteError`` after ``max_bad_steps`` consecutive non-finite steps and ``DivergenceError`` when a step loss
     exceeds ``divergence_factor`` × the running median (0 disables). The batches of the steps in
-    ``inject_nan_steps`` (1-based, as logged) are poisoned with NaN to exercise the guard.
+    ``inject_nan_steps`` (1-based, as logged) are poisoned with NaN to exercise the guard. ``profile`` =
+    (first, last) traces those steps with ``jax.profiler`` into ``runtime.profile_dir(workdir)``.
+    Each metrics row also has ``data_wait_s``, ``step_s``, ``goodput`` (and ``compile_s`` once), see ``_MetricsLog``.
     """
     own_writer = writer is None
     writer = writer or MetricsWriter(workdir)
@@ -238,13 +243,20 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
     counters = RunCounters(saved, guard)
     stop = StopRequest(manager)
     log = _MetricsLog(writer, start, total_steps, batch_size, desc)
+    profiler = runtime.ProfileWindow(profile, runtime.profile_dir(workdir))
     try:
         for step in range(start, total_steps):
             done = step + 1
-            batch = counters.add_batch(next(iterator))
-            if done in inject_nan_steps:
-                batch = poison_batch(batch)
-            state, metrics = train_step(state, sharding.to_global_batch(batch, mesh))
+            profiler.before(done)
+            with log.timed("data"):
+                batch = counters.add_batch(next(iterator))
+                if done in inject_nan_steps:
+                    batch = poison_batch(batch)
+                batch = sharding.to_global_batch(batch, mesh)
+            with log.timed("compile" if step == start else None):  # the first call traces and compiles
+                state, metrics = train_step(state, batch)
+            with log.timed("other"):
+                profiler.after(done, (state, metrics))
             guard.push(done, metrics.get("nonfinite"), metrics.get("loss"))
             log.add(metrics)
             if done % log_every == 0 or done == total_steps:
@@ -252,7 +264,8 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
                 log.write(done, counters.as_dict())
                 guard.check()
             if epoch_end is not None and done % steps_per_epoch == 0:
-                state = epoch_end(state, done // steps_per_epoch) or state
+                with log.timed("other"):
+                    state = epoch_end(state, done // steps_per_epoch) or state
             stopping = stop.at(done)
             required = stopping or done == total_steps
             if manager is not None and (required or done % checkpoint_every == 0):
@@ -260,13 +273,15 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
                 guard.check()  # a step that reaches max_bad_steps or diverged is not saved
             if manager is not None and (required or (done % checkpoint_every == 0 and not guard.suspect)):
                 data = {"iterator": iterator.get_state(), "counters": counters.as_dict()}
-                ckpt_lib.save(manager, done, state, data, required=required)
+                with log.timed("other"):
+                    ckpt_lib.save(manager, done, state, data, required=required)
             if stopping:
                 raise Preempted(done, str(manager.directory) if manager is not None else None)
         guard.flush()
         guard.check()
     finally:
         stop.close()
+        profiler.close()
         log.close()
         if manager is not None:
             ckpt_lib.wait(manager)
@@ -276,14 +291,43 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
 
 
 class _MetricsLog:
-    """Window means of the step metrics → ``writer``, with throughput and a tqdm bar on process 0."""
+    """Window means of the step metrics → ``writer``, with throughput, the step-time breakdown and a tqdm bar.
+
+    The loop runs one step ahead of the device (``NonFiniteGuard`` waits for step n−1 after dispatching step n) and
+    each row is written after fetching the window's metrics, so a window's wall time covers its steps' device work.
+    Per row (seconds are means per step of the window):
+
+    * ``data_wait_s`` — host time blocked on input: ``next(iterator)`` plus placing the batch on the devices. The
+      device keeps working on the previous step meanwhile, so this bounds from above the device's idle time caused
+      by input; near 0 means the input keeps ahead, close to ``step_s + data_wait_s`` means the run is input-bound.
+    * ``step_s`` — the rest of the window: dispatch, device compute, metric fetches; without the first step's
+      compilation, checkpoint saves, ``epoch_end`` evaluations and profiler output (reported in neither field).
+    * ``compile_s`` — (first row of a ``loop.run`` only) the first step's call: tracing, lowering, XLA compilation
+      or a persistent-cache load.
+    * ``goodput`` — ``runtime.CLOCK``: all training-step seconds so far / wall seconds since the run started.
+    """
 
     def __init__(self, writer: MetricsWriter, start: int, total_steps: int, batch_size: int, desc: str):
         self._writer, self._batch_size = writer, batch_size
         self._window: list = []
+        runtime.CLOCK.begin()
         self._tick, self._tick_step = time.perf_counter(), start
+        self._spent = {"data": 0.0, "compile": 0.0, "other": 0.0}
+        self._compile_s: Optional[float] = None
         self._pbar = tqdm(total=total_steps, initial=start, desc=desc, disable=jax.process_index() != 0,
                           dynamic_ncols=True, mininterval=1.0)
+
+    @contextlib.contextmanager
+    def timed(self, kind: Optional[str]):
+        """Count the block's wall time as ``kind`` ("data", "compile", "other"; None: part of the step)."""
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            if kind is not None:
+                self._spent[kind] += time.perf_counter() - begin
+                if kind == "compile":
+                    self._compile_s = self._spent["compile"]
 
     def add(self, metrics: dict) -> None:
         self._window.append(metrics)
@@ -293,10 +337,18 @@ class _MetricsLog:
         host = jax.device_get(self._window)
         mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         now = time.perf_counter()
-        mean.update(extra, img_per_sec=(step - self._tick_step) * self._batch_size / max(now - self._tick, 1e-9))
+        steps = max(step - self._tick_step, 1)
+        train_s = (now - self._tick) - sum(self._spent.values())
+        runtime.CLOCK.add_training(train_s)
+        mean.update(extra, img_per_sec=(step - self._tick_step) * self._batch_size / max(now - self._tick, 1e-9),
+                    data_wait_s=self._spent["data"] / steps, step_s=max(train_s, 0.0) / steps,
+                    goodput=runtime.CLOCK.goodput())
+        if self._compile_s is not None:
+            mean["compile_s"], self._compile_s = self._compile_s, None
         self._writer.write_scalars(step, mean)
         self._pbar.set_postfix({k: f"{mean[k]:.4g}" for k in ("loss", "img_per_sec") if k in mean})
         self._window, self._tick, self._tick_step = [], now, step
+        self._spent = dict.fromkeys(self._spent, 0.0)
 
     def close(self) -> None:
         self._pbar.close()

@@ -3,6 +3,12 @@
 ``config.mesh`` maps axis names to sizes (``{'data': -1, 'fsdp': 1, 'tensor': 1}``; −1 = all remaining devices).
 Batches are split over ``data × fsdp``; this module places the state replicated, and the scale-out work maps
 the models' logical axis names onto ``fsdp``/``tensor`` through ``logical_axis_rules``.
+
+The device grid is topology-aware (``jax.experimental.mesh_utils.create_device_mesh``: on TPU, neighbouring mesh
+positions are neighbouring chips of the torus). ``config.mesh.dcn_data`` > 1 spreads the ``data`` axis over that many
+TPU slices (or, where devices have no ``slice_index``, process groups) joined by the data-centre network:
+``data``/``fsdp``/``tensor`` then describe one slice, the mesh's ``data`` axis has ``dcn_data × data`` positions
+(slice-major, ``create_hybrid_device_mesh``), and only the gradient all-reduce of ``data`` crosses slices.
 """
 from __future__ import annotations
 
@@ -11,36 +17,88 @@ from typing import Mapping
 
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+DCN_KEY = "dcn_data"  # config.mesh key: number of slices (or process groups) the data axis spans over DCN
 
 
-def mesh_shape(mesh_config: Mapping[str, int] | None, num_devices: int) -> tuple[int, ...]:
-    """Resolve ``{'data': -1, ...}`` against ``num_devices`` → sizes in ``MESH_AXES`` order."""
+def dcn_size(mesh_config: Mapping[str, int] | None) -> int:
+    """``config.mesh.dcn_data`` (1 when absent): how many slices the ``data`` axis spans."""
+    value = dict(mesh_config or {}).get(DCN_KEY, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.mesh.{DCN_KEY} must be an integer >= 1 (the number of slices), got {value!r}")
+    return value
+
+
+def slice_mesh_shape(mesh_config: Mapping[str, int] | None, num_devices: int) -> tuple[int, ...]:
+    """Resolve ``{'data': -1, ...}`` against the devices of one slice (``num_devices / dcn_data``) → sizes in
+    ``MESH_AXES`` order."""
     mesh_config = dict(mesh_config or {"data": -1})
-    unknown = set(mesh_config) - set(MESH_AXES)
+    unknown = set(mesh_config) - set(MESH_AXES) - {DCN_KEY}
     if unknown:
-        raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; allowed: {MESH_AXES}")
+        raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; allowed: {MESH_AXES + (DCN_KEY,)}")
+    slices = dcn_size(mesh_config)
+    if num_devices % slices:
+        raise ValueError(f"config.mesh.{DCN_KEY}={slices} does not divide the {num_devices} devices")
+    num_devices //= slices
     sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError("config.mesh: at most one axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
+    where = f" per slice (config.mesh.{DCN_KEY}={slices})" if slices > 1 else ""
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"config.mesh {mesh_config} does not divide the {num_devices} devices")
+            raise ValueError(f"config.mesh {mesh_config} does not divide the {num_devices} devices{where}")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                         f"but {num_devices} are available")
+                         f"but {num_devices} are available{where}")
     return tuple(sizes)
 
 
+def mesh_shape(mesh_config: Mapping[str, int] | None, num_devices: int) -> tuple[int, ...]:
+    """Sizes of the whole mesh in ``MESH_AXES`` order (``data`` includes the ``dcn_data`` slices)."""
+    sizes = slice_mesh_shape(mesh_config, num_devices)
+    return (sizes[0] * dcn_size(mesh_config),) + sizes[1:]
+
+
+def device_grid(mesh_config: Mapping[str, int] | None, devices) -> np.ndarray:
+    """The devices arranged as ``mesh_shape(...)`` (an object array in ``MESH_AXES`` order), topology-aware.
+
+    One slice: ``mesh_utils.create_device_mesh`` (a TPU torus is walked so that mesh neighbours are chip
+    neighbours; other platforms keep ``devices``' order), falling back to a plain reshape with a warning when
+    the shape cannot follow the torus. ``dcn_data`` > 1: ``mesh_utils.create_hybrid_device_mesh`` with the slices
+    (``device.slice_index``; processes where devices have none) outermost on ``data``.
+    """
+    devices = list(devices)
+    per_slice = slice_mesh_shape(mesh_config, len(devices))
+    slices = dcn_size(mesh_config)
+    if slices == 1:
+        found = len({getattr(d, "slice_index", 0) for d in devices})
+        if found > 1:
+            raise ValueError(f"the devices belong to {found} slices: set config.mesh.{DCN_KEY}={found}")
+        try:
+            return mesh_utils.create_device_mesh(per_slice, devices)
+        except (ValueError, NotImplementedError, AssertionError) as e:
+            logging.warning("mesh %s does not follow the device topology (%s); using the device order", per_slice, e)
+            return np.asarray(devices, dtype=object).reshape(per_slice)
+    by_process = not hasattr(devices[0], "slice_index")
+    granule = "process_index" if by_process else "slice_index"
+    found = len({getattr(d, granule) for d in devices})
+    if found != slices:
+        raise ValueError(f"config.mesh.{DCN_KEY}={slices} but the devices belong to {found} "
+                         f"{'processes' if by_process else 'slices'}")
+    return mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1), devices, process_is_granule=by_process)
+
+
 def make_mesh(mesh_config: Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """The ``MESH_AXES`` mesh of ``config.mesh`` over ``devices`` (default: all devices), see ``device_grid``."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(mesh_config, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return Mesh(device_grid(mesh_config, devices), MESH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -399,7 +399,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                          checkpoint_every=config.get("checkpoint_every_steps", 1000),
                          max_bad_steps=config.get("max_bad_steps", 10),
                          divergence_factor=config.get("divergence_factor", 0.0), manager=manager, writer=writer,
-                         epoch_end=epoch_end, desc="finetune", inject_nan_steps=config.get("inject_nan_steps", ()))
+                         epoch_end=epoch_end, desc="finetune", inject_nan_steps=config.get("inject_nan_steps", ()),
+                         profile=config.get("profile", ()))
     finally:
         writer.close()
     save_model(os.path.join(workdir, "model"), state.params, cfg, info={"step": int(state.step)})

@@ -394,7 +394,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                      checkpoint_every=config.get("checkpoint_every_steps", 1000),
                      max_bad_steps=config.get("max_bad_steps", 10),
                      divergence_factor=config.get("divergence_factor", 0.0), manager=manager, desc="ibot",
-                     inject_nan_steps=config.get("inject_nan_steps", ()))
+                     inject_nan_steps=config.get("inject_nan_steps", ()),
+                     profile=config.get("profile", ()))
     directory = os.path.join(workdir, TEACHER_DIR)
     export_teacher(directory, state.model_state["teacher"], model)
     if config.get("knn_at_end"):

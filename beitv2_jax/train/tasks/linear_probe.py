@@ -354,7 +354,7 @@ def _run_streamed(config, workdir, features, encoder_params, eval_batch, mesh, w
                      total_steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
                      log_every=config.get("log_every_steps", 50),
                      checkpoint_every=config.get("checkpoint_every_steps", 1000), manager=manager, writer=writer,
-                     epoch_end=epoch_end, desc="linear_probe")
+                     epoch_end=epoch_end, desc="linear_probe", profile=config.get("profile", ()))
     if not results:  # resumed a finished run: evaluate the restored heads once
         epoch_end(state, config.num_epochs)
     return results

@@ -122,7 +122,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                      checkpoint_every=config.get("checkpoint_every_steps", 1000),
                      max_bad_steps=config.get("max_bad_steps", 10),
                      divergence_factor=config.get("divergence_factor", 0.0), manager=manager, desc="pretrain",
-                     inject_nan_steps=config.get("inject_nan_steps", ()))
+                     inject_nan_steps=config.get("inject_nan_steps", ()),
+                     profile=config.get("profile", ()))
     export_model(os.path.join(workdir, "model"), state, cfg)
     return state
 

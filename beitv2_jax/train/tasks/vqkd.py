@@ -151,7 +151,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                          "checkpoint_every_steps", 1000), max_bad_steps=config.get("max_bad_steps", 10),
                          divergence_factor=config.get("divergence_factor", 0.0),
                          manager=manager, writer=writer, epoch_end=epoch_end, desc="vqkd",
-                     inject_nan_steps=config.get("inject_nan_steps", ()))
+                     inject_nan_steps=config.get("inject_nan_steps", ()),
+                     profile=config.get("profile", ()))
     writer.close()
     export_tokenizer(os.path.join(workdir, "tokenizer"), state, cfg)
     return state
