@@ -10,6 +10,10 @@ Three kinds of dataset are supported, all opened with :func:`open_source`:
 * ``imagenet2012`` and any other tfds dataset already prepared in ``data_dir`` as array_record.
   Preparing ImageNet uses tfds' own builder, which needs TensorFlow at preparation time only:
   ``tfds build imagenet2012 --manual_dir=DIR --data_dir=DIR --file_format=array_record``.
+
+``data_dir`` may be a ``gs://`` URI: the shards are read from there directly (array_record's reader has a GCS
+backend). array_record's *writer* only writes local files, so the demo set and image folders are prepared in a
+local temporary directory and uploaded (``dataset_info.json``, which marks a prepared dataset, last).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from beitv2_jax import storage
 
 DEMO_NAME = 'beitv2_demo'
 IMAGE_FOLDER_NAME = 'beitv2_image_folder'
@@ -45,7 +51,9 @@ def default_data_dir() -> str:
 
 
 def _resolve(data_dir: str | os.PathLike | None) -> str:
-    return os.path.expanduser(os.fspath(data_dir)) if data_dir else default_data_dir()
+    if not data_dir:
+        return default_data_dir()
+    return os.fspath(data_dir) if storage.is_remote(data_dir) else os.path.expanduser(os.fspath(data_dir))
 
 
 @contextlib.contextmanager
@@ -66,6 +74,17 @@ def _prepare(builder: tfds.core.DatasetBuilder) -> None:
         builder.download_and_prepare(
             download_dir=download_dir,
             download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+def _prepare_and_upload(make_builder, data_dir: str) -> None:
+    """Prepare ``make_builder(local_data_dir)`` in a local temporary data_dir, then upload its version folder to
+    the same place under the URI ``data_dir`` (array_record's writer cannot write to object stores). Processes
+    racing here upload identical files; ``dataset_info.json`` goes last, so a half-upload is never "prepared"."""
+    with tempfile.TemporaryDirectory(prefix='tfds_stage_') as local:
+        builder = make_builder(local)
+        _prepare(builder)
+        rel = os.path.relpath(os.fspath(builder.data_dir), local).split(os.sep)
+        storage.upload_tree(os.fspath(builder.data_dir), storage.join(data_dir, *rel))
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -218,6 +237,9 @@ def ensure_demo_dataset(data_dir: str | os.PathLike | None = None) -> None:
     data_dir = _resolve(data_dir)
     if Beitv2Demo(data_dir=data_dir).is_prepared():  # no lock needed (works on read-only dirs)
         return
+    if storage.is_remote(data_dir):
+        _prepare_and_upload(lambda local: Beitv2Demo(data_dir=local, file_format='array_record'), data_dir)
+        return
     with _file_lock(os.path.join(data_dir, f'.{DEMO_NAME}.lock')):
         builder = Beitv2Demo(data_dir=data_dir, file_format='array_record')
         if not builder.is_prepared():
@@ -319,8 +341,12 @@ def prepare_image_folder(src_dir: str, data_dir: str | os.PathLike | None = None
     if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
         raise ValueError(f'Dataset name {name!r} must match [a-z][a-z0-9_]*.')
     data_dir = _resolve(data_dir)
-    out_dir = os.path.join(data_dir, name, str(Beitv2ImageFolder.VERSION))
-    if os.path.exists(os.path.join(out_dir, 'dataset_info.json')):  # skip scanning the folder
+    out_dir = storage.join(data_dir, name, str(Beitv2ImageFolder.VERSION))
+    if storage.exists(storage.join(out_dir, 'dataset_info.json')):  # skip scanning the folder
+        return out_dir
+    if storage.is_remote(data_dir):
+        _prepare_and_upload(lambda local: _folder_builder_class(name)(src_dir=src_dir, data_dir=local,
+                                                                      file_format='array_record'), data_dir)
         return out_dir
     with _file_lock(os.path.join(data_dir, f'.{name}.lock')):
         builder = _folder_builder_class(name)(src_dir=src_dir, data_dir=data_dir,
@@ -384,7 +410,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
         print(prepare_image_folder(args.src, args.data_dir, name=args.name))
     else:
         ensure_demo_dataset(args.data_dir)
-        print(os.path.join(_resolve(args.data_dir), DEMO_NAME))
+        print(storage.join(_resolve(args.data_dir), DEMO_NAME))
 
 
 if __name__ == '__main__':

@@ -8,7 +8,6 @@ cannot be read is moved to ``<workdir>/checkpoints_unreadable/`` with a warning 
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import jax
@@ -18,6 +17,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from beitv2_jax import storage
+
 UNREADABLE_DIR = "checkpoints_unreadable"
 
 
@@ -26,7 +27,7 @@ class CheckpointError(RuntimeError):
 
 
 def make_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    directory = storage.join(storage.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))

@@ -1,12 +1,46 @@
 """Metrics to TensorBoard (tensorboardX) and ``metrics.jsonl`` in the workdir, on process 0 only."""
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Mapping
 
 import jax
 import numpy as np
+
+from beitv2_jax import storage
+
+
+class _ObjectEventFile:
+    """A tensorboardX event file at a URI: object stores cannot append, so the whole file is kept and uploaded
+    again (through :mod:`beitv2_jax.storage`) on each flush that has something new, and once more on close."""
+
+    def __init__(self, path: str):
+        self.path, self._buffer, self._dirty = path, io.BytesIO(), False
+
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
+        self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            with storage.open(self.path, "wb") as f:
+                f.write(self._buffer.getvalue())
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectEventFiles:
+    """tensorboardX record-writer factory for a URI scheme (replaces its own ``gs`` writer, which talks to
+    google-cloud-storage directly and uploads again from ``__del__`` after ``close``)."""
+
+    def open(self, path: str) -> _ObjectEventFile:
+        return _ObjectEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        del path  # object stores have no directories to create
 
 
 class MetricsWriter:
@@ -17,11 +51,14 @@ class MetricsWriter:
         self._tb = None
         self._jsonl = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter
+            storage.makedirs(workdir)
+            from tensorboardX import SummaryWriter, record_writer
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            if storage.is_remote(workdir):
+                record_writer.register_writer_factory(workdir.split("://")[0], _ObjectEventFiles())
+
+            self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
+            self._jsonl = storage.AppendLog(storage.join(workdir, "metrics.jsonl"))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -43,5 +80,4 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Callable, Iterator
 
 import jax
@@ -12,6 +11,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
+from beitv2_jax import storage
 from beitv2_jax.data import sources
 from beitv2_jax.train import sharding
 
@@ -29,15 +29,11 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     (``validate.ConfigError`` naming the changed keys, see ``validate.check_workdir``)."""
     from beitv2_jax import validate
 
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
+    storage.makedirs(workdir)
     current = json.loads(config.to_json_best_effort(sort_keys=True))
     validate.check_workdir(config, workdir)
     if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(current, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        storage.write_json(storage.join(workdir, "config.json"), current, indent=2, sort_keys=True)
 
 
 def num_examples(data_config, split: str) -> int:
@@ -85,7 +81,7 @@ def usage_histogram_png(counts: np.ndarray, path: str, title: str = "code usage"
         draw.line([(x, height - margin), (x, y)], fill=(40, 90, 200))
     used = int((counts > 0).sum())
     draw.text((margin, 2), f"{title}: {used}/{k} codes used ({100.0 * used / max(k, 1):.1f}%)", fill="black")
-    image.save(path)
+    storage.save_image(image, path)
     return np.asarray(image)
 
 
@@ -100,7 +96,7 @@ def token_map_png(images: np.ndarray, tokens: np.ndarray, path: str, num_codes: 
         tok = Image.fromarray(palette[tokens[i]]).resize((cell, cell), Image.NEAREST)
         canvas.paste(img, (0, i * (cell + 8)))
         canvas.paste(tok, (cell + 8, i * (cell + 8)))
-    canvas.save(path)
+    storage.save_image(canvas, path)
     return np.asarray(canvas)
 
 
