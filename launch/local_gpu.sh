@@ -73,7 +73,7 @@ if [[ $config_file != /* && -f $REPO/$config_file ]]; then :
 elif [[ -f $config_file ]]; then
   [[ $config_file == /* ]] || CONFIG=$PWD/$CONFIG
 else die "config file not found: $config_file"; fi
-[[ $WORKDIR == /* ]] || WORKDIR=$PWD/$WORKDIR
+[[ $WORKDIR == /* || $WORKDIR == *://* ]] || WORKDIR=$PWD/$WORKDIR  # gs://... stays a URI
 
 MAIN=("$PY" -m beitv2_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
 ENVS=()

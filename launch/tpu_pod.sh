@@ -33,8 +33,8 @@ Options:
   --version V             TPU VM runtime (default: tpu-ubuntu2204-base for v4, v2-alpha-tpuv5 for v5p)
   --spot                  create a Spot TPU VM (preemptible: rerun this command to resume)
   --config FILE           config file of this repository, e.g. configs/beitv2_base_pt1k_1600e.py   (required)
-  --workdir DIR           run directory on storage every worker mounts at the same path (NFS/Filestore,
-                          a gcsfuse mount); checkpoints are written by all workers            (required)
+  --workdir DIR           run directory every worker reaches at the same path: gs://BUCKET/... or a
+                          shared mount (NFS/Filestore); checkpoints are written by all workers (required)
   --ref REF               git commit/branch to ship (default: HEAD; uncommitted changes are not shipped)
   --remote-dir DIR        checkout on the workers (default: $HOME/beitv2_jax; $HOME expands remotely)
   --venv DIR              virtual environment on the workers (default: $HOME/beitv2_venv)
@@ -127,7 +127,7 @@ fi
 if ((RUN)); then
   [[ -n $CONFIG ]] || die "--config is required (e.g. --config configs/beitv2_base_pt1k_1600e.py)"
   [[ -n $WORKDIR ]] || die "--workdir is required (a path every worker mounts, e.g. /mnt/shared/runs/base)"
-  [[ $WORKDIR == /* ]] || die "--workdir must be an absolute path on the workers, got '$WORKDIR'"
+  [[ $WORKDIR == /* || $WORKDIR == gs://* ]] || die "--workdir must be gs://... or an absolute path on the workers, got '$WORKDIR'"
   # The workers get a copy of the repository, so the config must be one of its files (path relative to it).
   config_file=${CONFIG%%:*}
   if [[ $config_file == "$REPO"/* ]]; then CONFIG=${CONFIG#"$REPO"/}; config_file=${config_file#"$REPO"/}; fi
