@@ -22,7 +22,12 @@ import tempfile
 import uuid
 from typing import Any, Iterator
 
+import fsspec
 from etils import epath
+
+# gcsfs caches directory listings for the life of the process, but tensorstore (orbax's array writer) and other
+# processes write to the same prefixes behind its back: list afresh every time (unless configured otherwise).
+fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -31,9 +36,9 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 
 def abspath(path: str | os.PathLike) -> str:
-    """``os.path.abspath`` (after ``~`` expansion) for a local path; a URI unchanged."""
+    """``os.path.abspath`` for a local path; a URI unchanged."""
     path = os.fspath(path)
-    return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+    return path if is_remote(path) else os.path.abspath(path)
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
