@@ -3,8 +3,9 @@
 Every file the project reads or writes goes through these helpers. Local paths behave exactly as with ``os`` /
 ``open`` / ``shutil`` (atomic ``os.replace`` for JSON files and directories); URIs go through ``etils.epath``,
 which without TensorFlow uses fsspec (``gcsfs`` for ``gs://``). Orbax writes its arrays to the same URIs with
-tensorstore's own GCS driver, tfds/array_record read ``gs://`` array_record shards with array_record's GCS reader
-and tensorboardX writes ``gs://`` event files with google-cloud-storage, so one ``gs://`` workdir holds everything.
+tensorstore's own GCS driver and tfds/array_record read ``gs://`` array_record shards with array_record's GCS
+reader; tensorboardX's event files go through here too (``train/metrics.py``), so one ``gs://`` workdir holds
+everything.
 
 Object stores have no atomic rename and no append. For URIs: a single object (a JSON file, a PNG) is written in
 one upload, which is atomic on GCS; :class:`AppendLog` rewrites its object on each flush; directories are
@@ -142,10 +143,6 @@ def rmtree(path: str | os.PathLike, ignore_errors: bool = False) -> None:
     except OSError:
         if not ignore_errors:
             raise
-
-
-def remove(path: str | os.PathLike) -> None:
-    epath.Path(path).unlink() if is_remote(path) else os.remove(path)
 
 
 def save_image(image, path: str | os.PathLike) -> None:
