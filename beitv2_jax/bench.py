@@ -1130,10 +1130,9 @@ def main(argv):
                            trace_only=FLAGS.trace_only)
         print(format_report(result))
     if FLAGS.json:
-        import json
+        from beitv2_jax import storage
 
-        with open(FLAGS.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1, default=str)
+        storage.write_json(FLAGS.json, result, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ keeps one shared table). The converter (``beitv2_jax.convert``) writes the tenso
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from typing import Optional, Sequence
+
+from beitv2_jax import storage
 
 FORMATS = {"timm": "timm", "hf": "hf_beit"}
 TIMM_NAMES = {(768, 12, 12): "beitv2_base_patch16_224", (1024, 24, 16): "beitv2_large_patch16_224"}
@@ -63,9 +63,9 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str, rel_pos: str = "pe
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
-    if not os.path.isdir(checkpoint):
+    if not storage.isdir(checkpoint):
         raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
-    if os.path.exists(output) and not overwrite:
+    if storage.exists(output) and not overwrite:
         raise FileExistsError(f"output exists: {output} (pass --overwrite to replace it)")
     variables, kind, config = store.load_variables(checkpoint)
     variables, config, left_out = encoder_variables(variables, kind, config, rel_pos)
@@ -74,8 +74,7 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str, rel_pos: str = "pe
     info = {"config": config, "left_out": left_out, "num_tensors": len(state_dict)}
     if fmt == "hf":
         hf_config = layouts.hf_beit_config("vit", config)
-        with open(os.path.join(os.path.dirname(os.path.abspath(output)), "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
+        storage.write_json(storage.join(storage.dirname(storage.abspath(output)), "config.json"), hf_config, indent=2)
         info["hf_config"] = hf_config
     else:
         info["timm"] = layouts.timm_model_args(config)

@@ -19,10 +19,11 @@ Problems (missing checkpoint, unreadable image, wrong size) end the run with one
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional, Sequence
+
+from beitv2_jax import storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -54,13 +55,13 @@ def expand_image_paths(paths: Sequence[str]) -> list:
     """Files as given, directories replaced by their image files (sorted). Missing paths are an error."""
     out = []
     for path in paths:
-        if os.path.isdir(path):
-            found = sorted(os.path.join(path, f) for f in os.listdir(path)
-                           if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, f)))
+        if storage.isdir(path):
+            found = sorted(storage.join(path, f) for f in storage.listdir(path)
+                           if f.lower().endswith(IMAGE_EXTENSIONS) and storage.isfile(storage.join(path, f)))
             if not found:
                 raise TokenizeError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in directory {path}")
             out.extend(found)
-        elif os.path.isfile(path):
+        elif storage.isfile(path):
             out.append(path)
         else:
             raise TokenizeError(f"image not found: {path}")
@@ -73,7 +74,7 @@ def load_image(path: str, size: int, crop_pct: float):
     from beitv2_jax.data import transforms
 
     try:
-        with open(path, "rb") as f:
+        with storage.open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise TokenizeError(f"cannot read image {path}: {e.strerror or e}") from e
@@ -90,7 +91,7 @@ def read_tokenizer_config(directory: str) -> dict:
     is loaded)."""
     from beitv2_jax.convert import store
 
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
         raise TokenizeError(f"tokenizer checkpoint directory not found: {directory}")
     try:
         description = store.read_description(directory)
@@ -149,22 +150,22 @@ def write_outputs(directory: str, paths: Sequence[str], images, ids, num_codes: 
 
     from beitv2_jax.train.tasks.common import token_map_png
 
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
     written = []
     record = dict(info, num_codes=int(num_codes), grid=list(ids.shape[1:]),
-                  images=[{"path": os.path.abspath(p), "tokens": ids[i].tolist()} for i, p in enumerate(paths)])
-    json_path = os.path.join(directory, "tokens.json")
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(record, f)
-    npy_path = os.path.join(directory, "tokens.npy")
-    np.save(npy_path, ids)
+                  images=[{"path": storage.abspath(p), "tokens": ids[i].tolist()} for i, p in enumerate(paths)])
+    json_path = storage.join(directory, "tokens.json")
+    storage.write_json(json_path, record)
+    npy_path = storage.join(directory, "tokens.npy")
+    with storage.open(npy_path, "wb") as f:
+        np.save(f, ids)
     written += [json_path, npy_path]
     for i, path in enumerate(paths):
-        stem = os.path.splitext(os.path.basename(path))[0]
-        png = os.path.join(directory, f"{i:03d}_{stem}.png")
+        stem = os.path.splitext(storage.basename(path))[0]
+        png = storage.join(directory, f"{i:03d}_{stem}.png")
         token_map_png(images[i:i + 1], ids[i:i + 1], png, num_codes)
         written.append(png)
-    grid = os.path.join(directory, "token_maps.png")
+    grid = storage.join(directory, "token_maps.png")
     token_map_png(images, ids, grid, num_codes)
     return written + [grid]
 
@@ -195,7 +196,7 @@ def run(args) -> int:
     for path, image_ids in zip(paths, ids):
         print(format_tokens(path, image_ids))
     if args.output:
-        info = {"checkpoint": os.path.abspath(args.checkpoint), "image_size": size, "crop_pct": args.crop_pct}
+        info = {"checkpoint": storage.abspath(args.checkpoint), "image_size": size, "crop_pct": args.crop_pct}
         try:
             written = write_outputs(args.output, paths, images, ids, model.num_codes, info)
         except OSError as e:

@@ -7,10 +7,11 @@ teacher checkpoint, a non-empty dataset) and, with a workdir, that it does not h
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, Optional
 
 import ml_collections
+
+from beitv2_jax import storage
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -271,7 +272,7 @@ def validate_tokenizer(directory: str, vocab_size: int, image_size: int, kind: s
     made_by = {"vqkd": "the vqkd task (<workdir>/tokenizer) or by `python -m beitv2_jax.convert --format "
                        "official_vqkd`",
                "dvae": "`python -m beitv2_jax.convert.family dalle_encoder --input encoder.pkl --output DIR`"}[kind]
-    _require(bool(directory) and os.path.isdir(directory),
+    _require(bool(directory) and storage.isdir(directory),
              f"config.tokenizer.checkpoint={directory!r} is not a directory: give the tokenizer written by {made_by}")
     try:
         description = store.read_description(directory)
@@ -322,7 +323,7 @@ def validate_vqkd(config: ConfigDict, standalone: bool) -> None:
     _one_of(config.teacher, "kind", TEACHER_KINDS, "config.teacher")
     if standalone:
         ckpt = config.teacher.checkpoint
-        _require(bool(ckpt) and os.path.isdir(ckpt),
+        _require(bool(ckpt) and storage.isdir(ckpt),
                  f"config.teacher.checkpoint={ckpt!r} is not a directory: convert a teacher with "
                  f"`python -m beitv2_jax.convert` or point to a ViT checkpoint written by this project")
 
@@ -379,7 +380,7 @@ def validate_stage(config: ConfigDict, task: str, parent: Optional[ConfigDict] =
 def validate_pretrained(config: ConfigDict) -> None:
     """The encoder to evaluate must exist: a directory of ours or a PyTorch file with its ``format``."""
     ckpt = config.pretrained.get("checkpoint") or ""
-    _require(bool(ckpt) and os.path.exists(ckpt),
+    _require(bool(ckpt) and storage.exists(ckpt),
              f"config.pretrained.checkpoint={ckpt!r} does not exist: give a model directory written by a training "
              f"task or `python -m beitv2_jax.convert`, or a .pth/.safetensors file with config.pretrained.format")
 
@@ -432,11 +433,10 @@ def config_changes(previous: dict, current: dict) -> list[str]:
 def check_workdir(config: ConfigDict, workdir: str) -> None:
     """Refuse a ``workdir`` whose ``config.json`` differs (beyond operational keys) unless
     ``config.allow_config_change``."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path) or config.get("allow_config_change", False):
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path) or config.get("allow_config_change", False):
         return
-    with open(path, encoding="utf-8") as f:
-        previous = json.load(f)
+    previous = storage.read_json(path)
     changes = config_changes(previous, json.loads(config.to_json_best_effort(sort_keys=True)))
     if changes:
         shown = "; ".join(f"config.{c}" for c in changes[:5]) + ("; ..." if len(changes) > 5 else "")

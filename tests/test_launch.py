@@ -134,6 +134,17 @@ def test_dry_run_after_the_separator_still_runs_nothing(script, args, stubs):
     assert "--dry-run" not in r.stdout.split("nothing was run", 1)[1]
 
 
+@pytest.mark.parametrize("script,args", [
+    (TPU, ["--tpu", "t", "--zone", "z", "--config", BASE]),
+    (LOCAL, ["--config", BASE]),
+])
+def test_gs_workdir_is_passed_on_as_a_uri(script, args, stubs):
+    env, log = stubs
+    r = _run(script, [*args, "--workdir", "gs://bucket/runs/base", "--dry-run"], env)
+    assert r.returncode == 0, r.stderr
+    assert "--workdir=gs://bucket/runs/base" in r.stdout and _calls(log) == []
+
+
 # ----------------------------------------------------------------------------------------------- TPU pod
 TPU_ARGS = ["--tpu", "beitv2-test", "--zone", "us-central2-b", "--project", "my-project",
             "--config", BASE, "--workdir", "/mnt/shared/runs/base"]

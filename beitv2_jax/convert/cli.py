@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Optional, Sequence
+
+from beitv2_jax import storage
 
 FORMATS = ("official_beitv2", "official_finetune", "official_vqkd", "official_beitv2_seg", "timm", "hf_beit",
            "openai_clip", "hf_clip", "dino", "hf_vit")
@@ -71,14 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _hf_config(args) -> Optional[dict]:
     path = args.hf_config
     if path is None and args.format.startswith("hf_"):
-        candidate = os.path.join(os.path.dirname(os.path.abspath(args.input)), "config.json")
-        path = candidate if os.path.isfile(candidate) else None
+        candidate = storage.join(storage.dirname(storage.abspath(args.input)), "config.json")
+        path = candidate if storage.isfile(candidate) else None
     if path is None:
         return None
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"--hf-config file not found: {path}")
-    with open(path) as f:
-        config = json.load(f)
+    config = storage.read_json(path)
     return config.get("vision_config", config) if args.format == "hf_clip" else config
 
 
@@ -87,13 +87,13 @@ def run_import(args) -> int:
 
     if not args.input:
         raise _UsageError("--input is required (or pass --export --checkpoint DIR)")
-    if os.path.exists(args.output) and not args.overwrite:
+    if storage.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"output exists: {args.output} (pass --overwrite to replace it)")
     state_dict, dropped, training_args = torch_io.load_checkpoint(args.input, prefix=args.prefix,
                                                                  trust_pickle=args.trust_pickle)
     result = engine.import_state_dict(state_dict, args.format, overrides=_overrides(args.set),
                                       hf_config=_hf_config(args), options=torch_io.layout_options(training_args))
-    info = {"source": os.path.abspath(args.input), "format": args.format, "options": result.options,
+    info = {"source": storage.abspath(args.input), "format": args.format, "options": result.options,
             "ignored_keys": len(result.ignored) + len(dropped)}
     store.save_variables(args.output, result.variables, result.model_kind, result.model_config, info=info,
                          overwrite=True)
@@ -116,9 +116,9 @@ def run_export(args) -> int:
 
     if not args.checkpoint:
         raise _UsageError("--export needs --checkpoint DIR")
-    if not os.path.isdir(args.checkpoint):
+    if not storage.isdir(args.checkpoint):
         raise FileNotFoundError(f"checkpoint directory not found: {args.checkpoint}")
-    if os.path.exists(args.output) and not args.overwrite:
+    if storage.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"output exists: {args.output} (pass --overwrite to replace it)")
     variables, kind, config = store.load_variables(args.checkpoint)
     dropped = []
@@ -137,10 +137,9 @@ def run_export(args) -> int:
 
     config = normalize_config(kind, config)
     if args.format == "hf_beit":
-        config_path = os.path.join(os.path.dirname(os.path.abspath(args.output)), "config.json")
+        config_path = storage.join(storage.dirname(storage.abspath(args.output)), "config.json")
         hf = layouts.hf_beit_config(kind, config)
-        with open(config_path, "w") as f:
-            json.dump(hf, f, indent=2)
+        storage.write_json(config_path, hf, indent=2)
         print(f"wrote {config_path} ({hf['architectures'][0]})")
     elif args.format in ("timm", "dino"):
         try:

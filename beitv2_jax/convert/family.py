@@ -23,13 +23,13 @@ Command line (files from the official releases)::
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from beitv2_jax import storage
 from beitv2_jax.convert import engine
 from beitv2_jax.convert import schemes as S
 from beitv2_jax.convert import transforms as T
@@ -162,7 +162,7 @@ def read_dalle_encoder(path: str) -> dict:
     in the file) or of a file holding its plain ``state_dict()``."""
     import torch
 
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
         obj = torch.load(f, map_location="cpu", weights_only=False)
     state = obj.state_dict() if hasattr(obj, "state_dict") else obj
     return {k: engine._to_numpy(v) for k, v in state.items()}
@@ -256,7 +256,8 @@ def read_ibot_checkpoint(path: str, key: str = "teacher") -> dict:
     import torch
 
     torch.serialization.add_safe_globals([_argparse.Namespace])
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    with storage.open(path, "rb") as f:
+        checkpoint = torch.load(f, map_location="cpu", weights_only=True)
     if key in checkpoint and isinstance(checkpoint[key], Mapping):
         state = checkpoint[key]
     elif key != "teacher" and key not in checkpoint:
@@ -278,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--image-size", type=int, default=112, help="dalle_encoder: tokenizer view size (112)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    if os.path.exists(args.output) and not args.overwrite:
+    if storage.exists(args.output) and not args.overwrite:
         print(f"error: output exists: {args.output} (pass --overwrite to replace it)", file=sys.stderr)
         return 2
     try:
@@ -286,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from beitv2_jax.models import dvae
 
             variables, config = import_dalle_encoder(read_dalle_encoder(args.input), args.image_size)
-            dvae.save_dvae(args.output, variables, config, info={"source": os.path.abspath(args.input),
+            dvae.save_dvae(args.output, variables, config, info={"source": storage.abspath(args.input),
                                                                  "format": args.format})
             print(f"dalle_encoder → dvae {config} → {args.output}")
         else:
@@ -294,7 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             converted = engine.import_state_dict(read_ibot_checkpoint(args.input, args.key), "official_ibot")
             store.save_variables(args.output, converted.variables, "vit", converted.model_config,
-                                 info={"source": os.path.abspath(args.input), "format": args.format, "key": args.key})
+                                 info={"source": storage.abspath(args.input), "format": args.format, "key": args.key})
             print(f"official_ibot ({args.key}) → vit → {args.output}; ignored {len(converted.ignored)} keys "
                   f"({', '.join(engine.summarize_keys(converted.ignored)[:6])})")
             for note in converted.notes:

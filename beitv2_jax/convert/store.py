@@ -8,17 +8,19 @@ A directory holding::
 
 Rebuild the model with ``model_shapes.build_model(model_kind, model_config)`` and apply it to ``variables``.
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place at the end,
-so a crashed or interrupted save never leaves a half-written directory under the final name.
+so a crashed or interrupted save never leaves a half-written directory under the final name. Object stores
+(``gs://``) cannot rename a directory atomically: there the directory is written in place and ``model.json``,
+written last, is the commit marker (a directory without it is not read as a model).
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import uuid
 from typing import Any, Mapping, Optional
 
 import numpy as np
+
+from beitv2_jax import storage
 
 FORMAT = "beitv2_jax.variables"
 VERSION = 1
@@ -54,8 +56,8 @@ def save_variables(directory: str, variables: Mapping[str, Any], model_kind: str
         raise ValueError(f"model_kind must be one of {kinds}, got {model_kind!r}")
     if "params" not in variables:
         raise ValueError(f"variables need a 'params' collection, got {sorted(variables)}")
-    directory = os.path.abspath(directory)
-    if os.path.exists(directory) and not overwrite:
+    directory = storage.abspath(directory)
+    if storage.exists(directory) and not overwrite:
         raise FileExistsError(f"{directory} exists (refusing to replace it: overwrite=False)")
     tree = _plain_tree(variables)
     if jax.process_count() == 1:
@@ -76,40 +78,47 @@ def _write_directory(directory: str, tree: dict, model_kind: str, model_config: 
     import jax
     import orbax.checkpoint as ocp
 
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{tag}")
     description = {"format": FORMAT, "version": VERSION, "model_kind": model_kind,
                    "model_config": json.loads(json.dumps(dict(model_config))), "collections": sorted(tree),
                    "info": dict(info or {})}
-    try:
-        os.makedirs(tmp)
+
+    def write_into(target: str) -> None:
         me = jax.process_index()  # orbax must not wait for processes that do not write
         options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
         with ocp.StandardCheckpointer(multiprocessing_options=options) as checkpointer:
-            checkpointer.save(os.path.join(tmp, VARIABLES_DIR), tree)
-        with open(os.path.join(tmp, MODEL_JSON), "w") as f:
-            json.dump(description, f, indent=2, sort_keys=True)
-        if os.path.exists(directory):
-            old = os.path.join(parent, f".{os.path.basename(directory)}.old-{tag}")
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
+            checkpointer.save(storage.join(target, VARIABLES_DIR), tree)
+        storage.write_json(storage.join(target, MODEL_JSON), description, indent=2, sort_keys=True)  # the commit
+
+    if storage.is_remote(directory):  # no atomic rename: replace in place, model.json (written last) commits it
+        if storage.exists(directory):
+            storage.rmtree(directory)
+        write_into(directory)
+        return directory
+    parent = storage.dirname(directory)
+    storage.makedirs(parent)
+    tag = uuid.uuid4().hex[:8]
+    tmp = storage.join(parent, f".{storage.basename(directory)}.tmp-{tag}")
+    try:
+        storage.makedirs(tmp)
+        write_into(tmp)
+        if storage.exists(directory):
+            old = storage.join(parent, f".{storage.basename(directory)}.old-{tag}")
+            storage.rename(directory, old)
+            storage.rename(tmp, directory)
+            storage.rmtree(old, ignore_errors=True)
         else:
-            os.rename(tmp, directory)
+            storage.rename(tmp, directory)
     finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        if storage.exists(tmp):
+            storage.rmtree(tmp, ignore_errors=True)
     return directory
 
 
 def read_description(directory: str) -> dict:
-    path = os.path.join(directory, MODEL_JSON)
-    if not os.path.isfile(path):
+    path = storage.join(directory, MODEL_JSON)
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{directory} is not a converted-weights directory (no {MODEL_JSON})")
-    with open(path) as f:
-        description = json.load(f)
+    description = storage.read_json(path)
     if description.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown format {description.get('format')!r}")
     if description.get("version", 0) > VERSION:
@@ -122,9 +131,9 @@ def load_variables(directory: str) -> tuple:
     import jax
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
+    directory = storage.abspath(directory)
     description = read_description(directory)
     with ocp.StandardCheckpointer() as checkpointer:
-        tree = checkpointer.restore(os.path.join(directory, VARIABLES_DIR))
+        tree = checkpointer.restore(storage.join(directory, VARIABLES_DIR))
     variables = jax.tree.map(np.asarray, tree)
     return variables, description["model_kind"], description["model_config"]

@@ -11,6 +11,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from beitv2_jax import storage
+
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 # Where training scripts nest the state dict (timm's checkpoint_filter_fn order: model, then module).
@@ -100,9 +102,21 @@ def load_checkpoint(path: str, prefix: Optional[str] = None, trust_pickle: bool 
     ``.pth`` files are read with ``torch.load(weights_only=True)``; ``trust_pickle=True`` allows arbitrary
     pickled objects (only for files you trust).
     """
-    training_args = {}
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
+    with storage.local_file(path) as local:  # a gs:// file is downloaded first (torch / safetensors read files)
+        sd, training_args = _read_state_dict(local, trust_pickle)
+    dropped = []
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if prefix:
+        sd, dropped = strip_prefix(sd, prefix)
+    return sd, dropped, training_args
+
+
+def _read_state_dict(path: str, trust_pickle: bool) -> tuple:
+    """A local ``.safetensors`` / ``.pth`` / TorchScript file → ``({key: numpy array}, training args)``."""
+    training_args = {}
     suffix = _suffix(path)
     if suffix in SAFETENSORS_SUFFIXES:
         try:
@@ -135,19 +149,19 @@ def load_checkpoint(path: str, prefix: Optional[str] = None, trust_pickle: bool 
         sd = {k: _tensor_to_numpy(v) if hasattr(v, "detach") else np.asarray(v)
               for k, v in unwrap(checkpoint).items()}
         training_args = _training_args(checkpoint)
-    dropped = []
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    if prefix:
-        sd, dropped = strip_prefix(sd, prefix)
-    return sd, dropped, training_args
+    return sd, training_args
 
 
 def save_state_dict(path: str, state_dict: Mapping[str, np.ndarray], wrap: Optional[str] = None) -> None:
     """Write ``.safetensors`` (numpy) or ``.pth``/``.bin`` (torch; optionally nested as ``{wrap: sd}``).
 
-    The file appears atomically (written next to ``path``, then renamed).
+    The file appears atomically (written next to ``path``, then renamed; a ``gs://`` path: written locally, then
+    uploaded as one object).
     """
+    if storage.is_remote(path):
+        with storage.local_output(path) as local:
+            save_state_dict(local, state_dict, wrap)
+        return
     suffix = _suffix(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

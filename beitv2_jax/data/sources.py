@@ -10,6 +10,10 @@ Three kinds of dataset are supported, all opened with :func:`open_source`:
 * ``imagenet2012`` and any other tfds dataset already prepared in ``data_dir`` as array_record.
   Preparing ImageNet uses tfds' own builder, which needs TensorFlow at preparation time only:
   ``tfds build imagenet2012 --manual_dir=DIR --data_dir=DIR --file_format=array_record``.
+
+``data_dir`` may be a ``gs://`` URI: the shards are read from there directly (array_record's reader has a GCS
+backend). array_record's *writer* only writes local files, so the demo set and image folders are prepared in a
+local temporary directory and uploaded (``dataset_info.json``, which marks a prepared dataset, last).
 """
 
 from __future__ import annotations
@@ -17,10 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import types
@@ -30,6 +32,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 import tensorflow_datasets as tfds
+
+from beitv2_jax import storage
 
 DEMO_NAME = 'beitv2_demo'
 IMAGE_FOLDER_NAME = 'beitv2_image_folder'
@@ -50,7 +54,9 @@ def default_data_dir() -> str:
 
 
 def _resolve(data_dir: str | os.PathLike | None) -> str:
-    return os.path.expanduser(os.fspath(data_dir)) if data_dir else default_data_dir()
+    if not data_dir:
+        return default_data_dir()
+    return os.fspath(data_dir) if storage.is_remote(data_dir) else os.path.expanduser(os.fspath(data_dir))
 
 
 @contextlib.contextmanager
@@ -74,6 +80,17 @@ def _prepare(builder: tfds.core.DatasetBuilder) -> None:
         builder.download_and_prepare(
             download_dir=download_dir,
             download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+def _prepare_and_upload(make_builder, data_dir: str) -> None:
+    """Prepare ``make_builder(local_data_dir)`` in a local temporary data_dir, then upload its version folder to
+    the same place under the URI ``data_dir`` (array_record's writer cannot write to object stores). Processes
+    racing here upload identical files; ``dataset_info.json`` goes last, so a half-upload is never "prepared"."""
+    with tempfile.TemporaryDirectory(prefix='tfds_stage_') as local:
+        builder = make_builder(local)
+        _prepare(builder)
+        rel = os.path.relpath(os.fspath(builder.data_dir), local).split(os.sep)
+        storage.upload_tree(os.fspath(builder.data_dir), storage.join(data_dir, *rel))
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -226,6 +243,9 @@ def ensure_demo_dataset(data_dir: str | os.PathLike | None = None) -> None:
     data_dir = _resolve(data_dir)
     if Beitv2Demo(data_dir=data_dir).is_prepared():  # no lock needed (works on read-only dirs)
         return
+    if storage.is_remote(data_dir):
+        _prepare_and_upload(lambda local: Beitv2Demo(data_dir=local, file_format='array_record'), data_dir)
+        return
     with _file_lock(data_dir):
         builder = Beitv2Demo(data_dir=data_dir, file_format='array_record')
         if not builder.is_prepared():
@@ -334,11 +354,8 @@ PREPARATION_FILE = 'beitv2_preparation.json'  # next to dataset_info.json: sourc
 def preparation_record(name: str, data_dir: str | os.PathLike | None = None) -> dict:
     """``{'src': ..., 'num_bad_images': n, 'bad_images': [first names]}`` of a prepared folder dataset ({} if
     none was recorded)."""
-    path = os.path.join(_resolve(data_dir), name, str(Beitv2ImageFolder.VERSION), PREPARATION_FILE)
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding='utf-8') as f:
-        return json.load(f)
+    path = storage.join(_resolve(data_dir), name, str(Beitv2ImageFolder.VERSION), PREPARATION_FILE)
+    return storage.read_json(path) if storage.exists(path) else {}
 
 
 def prepare_image_folder(src_dir: str, data_dir: str | os.PathLike | None = None,
@@ -357,24 +374,32 @@ def prepare_image_folder(src_dir: str, data_dir: str | os.PathLike | None = None
     if not os.path.isdir(src):
         raise FileNotFoundError(f'--src {src_dir} is not a folder')
     data_dir = _resolve(data_dir)
-    out_dir = os.path.join(data_dir, name, str(Beitv2ImageFolder.VERSION))
-    with _file_lock(data_dir):
-        if os.path.exists(os.path.join(out_dir, 'dataset_info.json')):
+    out_dir = storage.join(data_dir, name, str(Beitv2ImageFolder.VERSION))
+    remote = storage.is_remote(data_dir)
+    with contextlib.nullcontext() if remote else _file_lock(data_dir):
+        if storage.exists(storage.join(out_dir, 'dataset_info.json')):
             before = preparation_record(name, data_dir).get('src')
             if before in (None, src):  # None: prepared before sources were recorded
                 return out_dir
             if not overwrite:
                 raise ValueError(f'dataset {name!r} in {data_dir} was prepared from {before}, not {src}; pass '
                                  f'--overwrite to rebuild it from {src}, or choose another --name')
-            shutil.rmtree(os.path.join(data_dir, name))
-        builder = _folder_builder_class(name)(src_dir=src, data_dir=data_dir, file_format='array_record',
-                                              verify=verify)
-        _prepare(builder)
-        bad = builder.bad_images
-        record = {'src': src, 'verified': verify, 'num_bad_images': len(bad),
-                  'bad_images': bad[:MAX_NAMED_BAD_IMAGES]}
-        with open(os.path.join(out_dir, PREPARATION_FILE), 'w', encoding='utf-8') as f:
-            json.dump(record, f, indent=2)
+            storage.rmtree(storage.join(data_dir, name))
+        builders = []
+
+        def build(builder_data_dir: str) -> Beitv2ImageFolder:
+            builders.append(_folder_builder_class(name)(src_dir=src, data_dir=builder_data_dir,
+                                                        file_format='array_record', verify=verify))
+            return builders[-1]
+
+        if remote:  # prepared in a local temporary data_dir, then uploaded
+            _prepare_and_upload(build, data_dir)
+        else:
+            _prepare(build(data_dir))
+        bad = builders[0].bad_images
+        storage.write_json(storage.join(out_dir, PREPARATION_FILE),
+                           {'src': src, 'verified': verify, 'num_bad_images': len(bad),
+                            'bad_images': bad[:MAX_NAMED_BAD_IMAGES]}, indent=2)
     if bad:
         shown = ', '.join(bad[:MAX_NAMED_BAD_IMAGES]) + (', ...' if len(bad) > MAX_NAMED_BAD_IMAGES else '')
         logging.warning('left out %d image(s) of %s that cannot be decoded: %s', len(bad), src, shown)
@@ -449,7 +474,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
         print(out_dir)
     else:
         ensure_demo_dataset(args.data_dir)
-        print(os.path.join(_resolve(args.data_dir), DEMO_NAME))
+        print(storage.join(_resolve(args.data_dir), DEMO_NAME))
 
 
 if __name__ == '__main__':

@@ -14,7 +14,6 @@ the array store may not detect) like any other unreadable step. A checkpoint who
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Optional
 
 import jax
@@ -24,6 +23,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+from beitv2_jax import storage
 
 UNREADABLE_DIR = "checkpoints_unreadable"
 
@@ -82,7 +83,7 @@ def _digest_mismatch(saved: dict, state: Any) -> Optional[str]:
 
 
 def make_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    directory = storage.join(storage.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}

@@ -1,46 +1,20 @@
 """Metrics to TensorBoard (tensorboardX) and ``metrics.jsonl`` in the workdir, on process 0 only.
 
-``metrics.jsonl`` holds whole lines only: a row is written with one call and flushed, a write that fails (disk
-full, ...) is reported as one error line and cut back to the last whole row, and a torn last line left by a killed
-process is removed when the file is opened again. Metrics are never a reason to stop training.
+``metrics.jsonl`` holds whole lines only (``storage.AppendLog``): a row that cannot be written (disk full, ...) is
+cut back and reported in one error line, a torn last line left by a killed process is removed when the file is
+opened again. TensorBoard's writer thread survives the same failures. Metrics are never a reason to stop training.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Mapping
 
 import jax
 import numpy as np
 from absl import logging
 
-
-def repair_jsonl_tail(path: str) -> int:
-    """Cut a torn last line (no final newline) from ``path``; returns the number of bytes removed."""
-    if not os.path.exists(path):
-        return 0
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return 0
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return 0
-        block = 1 << 16
-        end = size
-        while end > 0:  # find the last newline, reading backwards
-            start = max(0, end - block)
-            f.seek(start)
-            chunk = f.read(end - start)
-            cut = chunk.rfind(b"\n")
-            if cut >= 0:
-                keep = start + cut + 1
-                break
-            end = start
-        else:
-            keep = 0
-        f.truncate(keep)
-    return size - keep
+from beitv2_jax import storage
 
 
 def _guard_event_file(summary_writer, report) -> None:
@@ -63,6 +37,39 @@ def _guard_event_file(summary_writer, report) -> None:
         setattr(events, name, guarded(getattr(events, name)))
 
 
+
+class _ObjectEventFile:
+    """A tensorboardX event file at a URI: object stores cannot append, so the whole file is kept and uploaded
+    again (through :mod:`beitv2_jax.storage`) on each flush that has something new, and once more on close."""
+
+    def __init__(self, path: str):
+        self.path, self._buffer, self._dirty = path, io.BytesIO(), False
+
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
+        self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            with storage.open(self.path, "wb") as f:
+                f.write(self._buffer.getvalue())
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectEventFiles:
+    """tensorboardX record-writer factory for a URI scheme (replaces its own ``gs`` writer, which talks to
+    google-cloud-storage directly and uploads again from ``__del__`` after ``close``)."""
+
+    def open(self, path: str) -> _ObjectEventFile:
+        return _ObjectEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        del path  # object stores have no directories to create
+
+
 class MetricsWriter:
     """``write_scalars(step, {name: value})``, ``write_image(step, name, uint8 [H, W, 3])``; no-op off process 0."""
 
@@ -72,18 +79,19 @@ class MetricsWriter:
         self._jsonl = None
         self._failed = False
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter
+            storage.makedirs(workdir)
+            from tensorboardX import SummaryWriter, record_writer
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if storage.is_remote(workdir):
+                record_writer.register_writer_factory(workdir.split("://")[0], _ObjectEventFiles())
+
+            self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
+            self._jsonl = storage.AppendLog(storage.join(workdir, "metrics.jsonl"))
             self._tb_failed = False
             _guard_event_file(self._tb, self._report_tensorboard_failure)
-            path = os.path.join(workdir, "metrics.jsonl")
-            removed = repair_jsonl_tail(path)
-            if removed:
+            if self._jsonl.repaired:
                 logging.warning("removed a torn last line (%d bytes) from %s (an earlier run was interrupted while "
-                                "writing it)", removed, path)
-            self._jsonl = open(path, "a", encoding="utf-8")
+                                "writing it)", self._jsonl.repaired, self._jsonl.path)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -91,33 +99,15 @@ class MetricsWriter:
         clean = {k: float(v) for k, v in scalars.items()}
         for k, v in clean.items():
             self._tb.add_scalar(k, v, step)
-        line = json.dumps({"step": int(step), **clean}) + "\n"
-        good = self._jsonl.tell()
         try:
-            self._jsonl.write(line)
-            self._jsonl.flush()
-        except OSError as e:
-            self._drop_partial_row(good, step, e)
+            self._jsonl.append(json.dumps({"step": int(step), **clean}) + "\n")
+        except OSError as e:  # nothing partial is left (storage.AppendLog); reported once per streak of failures
+            if not self._failed:
+                logging.error("metrics row of step %d not written to %s (%s); training goes on, rows are written "
+                              "again once the disk accepts them", step, self._jsonl.path, e)
+            self._failed = True
         else:
             self._failed = False
-
-    def _drop_partial_row(self, good: int, step: int, error: OSError) -> None:
-        """Cut the file back to ``good`` bytes (the last whole row); report the failure once per streak."""
-        if not self._failed:
-            logging.error("metrics row of step %d not written to %s (%s); training goes on, rows are written again "
-                          "once the disk accepts them", step, self._jsonl.name, error)
-        self._failed = True
-        path = self._jsonl.name
-        try:
-            self._jsonl.close()
-        except OSError:
-            pass  # the buffered partial row could not be flushed either: it is cut below
-        try:
-            with open(path, "rb+") as f:
-                f.truncate(good)
-        except OSError:
-            pass  # repaired when the file is opened next (repair_jsonl_tail)
-        self._jsonl = open(path, "a", encoding="utf-8")
 
     def _report_tensorboard_failure(self, error: OSError) -> None:
         if not self._tb_failed:
@@ -134,9 +124,8 @@ class MetricsWriter:
             try:
                 self._jsonl.close()
             except OSError as e:
-                logging.error("closing %s failed (%s)", self._jsonl.name, e)
+                logging.error("closing %s failed (%s)", self._jsonl.path, e)
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

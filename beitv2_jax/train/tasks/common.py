@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Callable, Iterator
 
 import jax
@@ -12,6 +11,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
+from beitv2_jax import storage
 from beitv2_jax.data import sources
 from beitv2_jax.train import sharding
 
@@ -32,7 +32,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, save_config
     from beitv2_jax import validate
     from beitv2_jax.train import workdir_lock
 
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     if jax.process_index() == 0:
         workdir_lock.acquire(workdir)
     validate.check_workdir(config, workdir)
@@ -41,14 +41,10 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, save_config
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """``<workdir>/config.json`` (process 0; written to a temporary file, then renamed)."""
-    if jax.process_index() != 0:
-        return
-    path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(json.loads(config.to_json_best_effort(sort_keys=True)), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    """``<workdir>/config.json`` (process 0; written atomically)."""
+    if jax.process_index() == 0:
+        storage.write_json(storage.join(workdir, "config.json"), json.loads(config.to_json_best_effort(sort_keys=True)),
+                           indent=2, sort_keys=True)
 
 
 def num_examples(data_config, split: str) -> int:
@@ -96,7 +92,7 @@ def usage_histogram_png(counts: np.ndarray, path: str, title: str = "code usage"
         draw.line([(x, height - margin), (x, y)], fill=(40, 90, 200))
     used = int((counts > 0).sum())
     draw.text((margin, 2), f"{title}: {used}/{k} codes used ({100.0 * used / max(k, 1):.1f}%)", fill="black")
-    image.save(path)
+    storage.save_image(image, path)
     return np.asarray(image)
 
 
@@ -111,7 +107,7 @@ def token_map_png(images: np.ndarray, tokens: np.ndarray, path: str, num_codes: 
         tok = Image.fromarray(palette[tokens[i]]).resize((cell, cell), Image.NEAREST)
         canvas.paste(img, (0, i * (cell + 8)))
         canvas.paste(tok, (cell + 8, i * (cell + 8)))
-    canvas.save(path)
+    storage.save_image(canvas, path)
     return np.asarray(canvas)
 
 

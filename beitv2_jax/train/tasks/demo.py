@@ -11,8 +11,6 @@ re-running the command continues the demo. Ends with a summary table (also ``sum
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import flax
@@ -22,9 +20,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from beitv2_jax import storage
 from beitv2_jax.data import pipeline
 from beitv2_jax.models import teachers as teachers_lib
 from beitv2_jax.models import vit
+from beitv2_jax.train import metrics as metrics_lib
 from beitv2_jax.train import sharding
 from beitv2_jax.train.tasks import common, ibot, knn, pretrain, vqkd
 
@@ -121,10 +121,10 @@ def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_d
     outs = common.eval_pass(index_fn, iterator, mesh)
     ids = np.concatenate([o["ids"] for o in outs])
     counts = np.bincount(ids.reshape(-1), minlength=tokenizer.num_codes)
-    common.usage_histogram_png(counts, os.path.join(workdir, "codebook_usage.png"), "test-split code usage")
+    common.usage_histogram_png(counts, storage.join(workdir, "codebook_usage.png"), "test-split code usage")
     k = config.eval.num_token_maps
     h, w = tokenizer.encoder.window
-    common.token_map_png(outs[0]["image"][:k], ids[:k].reshape(-1, h, w), os.path.join(workdir, "token_maps.png"),
+    common.token_map_png(outs[0]["image"][:k], ids[:k].reshape(-1, h, w), storage.join(workdir, "token_maps.png"),
                          tokenizer.num_codes)
     results["tokenizer"] = {"test_codebook_usage": float((counts > 0).mean() * 100),
                             "num_codes": int(tokenizer.num_codes)}
@@ -132,11 +132,11 @@ def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_d
 
 
 def final_metrics(workdir: str) -> dict:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "metrics.jsonl")
+    if not storage.exists(path):
         return {}
     last = {}
-    for row in (json.loads(line) for line in open(path, encoding="utf-8") if line.strip()):
+    for row in metrics_lib.read_jsonl(path):
         last.update(row)
     return last
 
@@ -177,7 +177,7 @@ def print_summary(results: dict, stage_times: dict, workdir: str) -> str:
     t = results.get("tokenizer", {})
     if t:
         lines.append(f"  tokenizer test-split code usage: {t['test_codebook_usage']:.1f}% of {t['num_codes']} codes")
-    lines.append(f"  PNGs: {os.path.join(workdir, 'token_maps.png')}, {os.path.join(workdir, 'codebook_usage.png')}")
+    lines.append(f"  PNGs: {storage.join(workdir, 'token_maps.png')}, {storage.join(workdir, 'codebook_usage.png')}")
     lines.append("=" * 72)
     text = "\n".join(lines)
     print(text, flush=True)
@@ -185,8 +185,8 @@ def print_summary(results: dict, stage_times: dict, workdir: str) -> str:
 
 
 def _first_and_last(workdir: str, key: str) -> dict:
-    path = os.path.join(workdir, "metrics.jsonl")
-    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()] if os.path.exists(path) else []
+    path = storage.join(workdir, "metrics.jsonl")
+    rows = metrics_lib.read_jsonl(path) if storage.exists(path) else []
     values = [r[key] for r in rows if key in r]
     return {f"first_{key}": values[0]} if values else {}
 
@@ -196,25 +196,25 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     common.prepare_workdir(config, workdir)
     mesh = sharding.make_mesh(config.get("mesh"))
     times = {}
-    ibot_dir = os.path.join(workdir, "ibot")
-    teacher_dir = os.path.join(ibot_dir, ibot.TEACHER_DIR)
-    vqkd_dir = os.path.join(workdir, "vqkd")
-    tokenizer_dir = os.path.join(vqkd_dir, "tokenizer")
-    pretrain_dir = os.path.join(workdir, "pretrain")
-    model_dir = os.path.join(pretrain_dir, "model")
+    ibot_dir = storage.join(workdir, "ibot")
+    teacher_dir = storage.join(ibot_dir, ibot.TEACHER_DIR)
+    vqkd_dir = storage.join(workdir, "vqkd")
+    tokenizer_dir = storage.join(vqkd_dir, "tokenizer")
+    pretrain_dir = storage.join(workdir, "pretrain")
+    model_dir = storage.join(pretrain_dir, "model")
 
     start = time.perf_counter()
-    if not os.path.exists(teacher_dir):
+    if not storage.exists(teacher_dir):
         ibot.run(stage_config(config.ibot, config), ibot_dir)
     times["ibot"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    if not os.path.exists(tokenizer_dir):
+    if not storage.exists(tokenizer_dir):
         vqkd.run(stage_config(config.vqkd, config, **{"teacher.checkpoint": teacher_dir}), vqkd_dir)
     times["vqkd"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    if not os.path.exists(model_dir):
+    if not storage.exists(model_dir):
         pretrain.run(stage_config(config.pretrain, config, **{"tokenizer.checkpoint": tokenizer_dir}), pretrain_dir)
     times["pretrain"] = time.perf_counter() - start
 
@@ -227,8 +227,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     results["pretrain"] = {**final_metrics(pretrain_dir), **_first_and_last(pretrain_dir, "loss")}
     results["stage_seconds"] = times
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        storage.write_json(storage.join(workdir, "summary.json"), results, indent=2)
         print_summary(results, times, workdir)
     logging.info("demo finished")
     return results

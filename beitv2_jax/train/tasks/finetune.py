@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from typing import Optional
 
@@ -27,6 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from beitv2_jax import storage
 from beitv2_jax.data import augment, pipeline, sources, transforms
 from beitv2_jax.models import relpos, vit
 from beitv2_jax.train import checkpoint as ckpt_lib
@@ -63,9 +62,9 @@ def load_pretrained(path: str, fmt: str = "") -> Pretrained:
     ``hf_beit``, ...) → the encoder (see :func:`as_encoder`)."""
     from beitv2_jax.convert import engine, store, torch_io
 
-    if os.path.isdir(path):
+    if storage.isdir(path):
         variables, kind, config = store.load_variables(path)
-    elif os.path.isfile(path):
+    elif storage.isfile(path):
         if not fmt:
             raise ValueError(f"{path} is a file: give its checkpoint layout (config.pretrained.format, one of "
                              f"{sorted(engine.LAYOUTS) or 'the convert formats'})")
@@ -372,7 +371,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     eval_step = make_eval_step(model)
     eval_batch = config.get("eval_batch_size") or config.batch_size
     writer = MetricsWriter(workdir)
-    results_path = os.path.join(workdir, "results.json")
+    results_path = storage.join(workdir, "results.json")
 
     def epoch_end(state, epoch):
         every = config.get("eval_every_epochs", 1)
@@ -384,7 +383,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
         logging.info("epoch %d: eval top-1 %.2f top-5 %.2f", epoch, result["top1"], result["top5"])
         best = float(jax.device_get(state.extra["best_top1"]))
         if result["top1"] > best and config.get("save_best", True):
-            save_model(os.path.join(workdir, "best_model"), state.params, cfg,
+            save_model(storage.join(workdir, "best_model"), state.params, cfg,
                        info={"epoch": epoch, "step": int(state.step), **result})
             best = result["top1"]
             _write_results(results_path, {"best": {"epoch": epoch, **result}})
@@ -403,20 +402,14 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                          profile=config.get("profile", ()))
     finally:
         writer.close()
-    save_model(os.path.join(workdir, "model"), state.params, cfg, info={"step": int(state.step)})
-    logging.info("fine-tuned model written to %s", os.path.join(workdir, "model"))
+    save_model(storage.join(workdir, "model"), state.params, cfg, info={"step": int(state.step)})
+    logging.info("fine-tuned model written to %s", storage.join(workdir, "model"))
     return state
 
 
 def _write_results(path: str, update: dict) -> None:
     if jax.process_index() != 0:
         return
-    current = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            current = json.load(f)
+    current = storage.read_json(path) if storage.exists(path) else {}
     current.update(update)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(current, f, indent=2)
-    os.replace(tmp, path)
+    storage.write_json(path, current, indent=2)

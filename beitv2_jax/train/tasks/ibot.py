@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -35,6 +33,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from beitv2_jax import storage
 from beitv2_jax.data import multicrop
 from beitv2_jax.models import ibot as ibot_lib
 from beitv2_jax.train import checkpoint as ckpt_lib
@@ -396,15 +395,14 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                      divergence_factor=config.get("divergence_factor", 0.0), manager=manager, desc="ibot",
                      inject_nan_steps=config.get("inject_nan_steps", ()),
                      profile=config.get("profile", ()))
-    directory = os.path.join(workdir, TEACHER_DIR)
+    directory = storage.join(workdir, TEACHER_DIR)
     export_teacher(directory, state.model_state["teacher"], model)
     if config.get("knn_at_end"):
         result = teacher_knn(config, directory, mesh)
         logging.info("iBOT teacher k-NN (k=%d, T=%g, CLS): top-1 %.2f top-5 %.2f", config.knn.k,
                      config.knn.temperature, result["knn_top1"], result["knn_top5"])
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "knn.json"), "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2)
+            storage.write_json(storage.join(workdir, "knn.json"), result, indent=2)
     return state
 
 

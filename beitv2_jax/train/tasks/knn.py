@@ -8,8 +8,6 @@ of the patch tokens), ``cls`` or ``mean`` (see ``linear_probe.feature_fn``).
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Callable
 
 import jax
@@ -18,6 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from beitv2_jax import storage
 from beitv2_jax.data import pipeline
 from beitv2_jax.train import sharding
 from beitv2_jax.train.metrics import MetricsWriter
@@ -95,8 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_scalars(0, {"eval/knn_top1": result["knn_top1"], "eval/knn_top5": result["knn_top5"]})
     writer.close()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        storage.write_json(storage.join(workdir, "results.json"), result, indent=2)
     logging.info("k-NN (k=%d, T=%g, %s features): top-1 %.2f top-5 %.2f", config.knn.k, config.knn.temperature,
                  feature, result["knn_top1"], result["knn_top5"])
     return result

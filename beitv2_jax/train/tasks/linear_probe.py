@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -32,6 +31,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from beitv2_jax import storage
 from beitv2_jax.data import augment, pipeline, sources, transforms
 from beitv2_jax.models import relpos, vit
 from beitv2_jax.train import checkpoint as ckpt_lib
@@ -296,8 +296,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
         writer.close()
     result.update(feature=feature, checkpoint=config.pretrained.checkpoint)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        storage.write_json(storage.join(workdir, "results.json"), result, indent=2)
     logging.info("linear probe: top-1 %.2f (layer %d)", result["top1"], result["best_layer"])
     return result
 

@@ -9,7 +9,6 @@ the ``num_masked_patches`` masked positions. ``config.tokenizer.kind`` picks the
 from __future__ import annotations
 
 import functools
-import os
 
 import flax
 import jax
@@ -18,6 +17,7 @@ import ml_collections
 import optax
 from absl import logging
 
+from beitv2_jax import storage
 from beitv2_jax.data import pipeline
 from beitv2_jax.models import beit as beit_lib
 from beitv2_jax.train import checkpoint as ckpt_lib
@@ -124,7 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                      divergence_factor=config.get("divergence_factor", 0.0), manager=manager, desc="pretrain",
                      inject_nan_steps=config.get("inject_nan_steps", ()),
                      profile=config.get("profile", ()))
-    export_model(os.path.join(workdir, "model"), state, cfg)
+    export_model(storage.join(workdir, "model"), state, cfg)
     return state
 
 

@@ -7,7 +7,6 @@ At the end the tokenizer is written to ``<workdir>/tokenizer`` (loadable by ``pr
 from __future__ import annotations
 
 import functools
-import os
 
 import flax
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from beitv2_jax import storage
 from beitv2_jax.data import pipeline
 from beitv2_jax.models import quantizer as quant
 from beitv2_jax.models import teachers as teachers_lib
@@ -138,7 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                             "eval/unused_codes": float((eval_counts == 0).sum()),
                             "eval/perplexity": float(np.exp(_entropy(eval_counts)))})
             if jax.process_index() == 0:
-                img = common.usage_histogram_png(eval_counts, os.path.join(workdir, "codebook_usage.png"),
+                img = common.usage_histogram_png(eval_counts, storage.join(workdir, "codebook_usage.png"),
                                                  f"eval code usage, epoch {epoch}")
                 writer.write_image(epoch * steps_per_epoch, "codebook_usage", img)
         writer.write_scalars(epoch * steps_per_epoch, scalars)
@@ -154,7 +154,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                      inject_nan_steps=config.get("inject_nan_steps", ()),
                      profile=config.get("profile", ()))
     writer.close()
-    export_tokenizer(os.path.join(workdir, "tokenizer"), state, cfg)
+    export_tokenizer(storage.join(workdir, "tokenizer"), state, cfg)
     return state
 
 
