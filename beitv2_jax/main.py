@@ -177,22 +177,21 @@ def main(argv):
     except OSError as e:
         _die(f"config.compilation_cache_dir: {e}")
     runtime.COMPILE_STATS.track()
-    try:
-        run_reporting_outcome(config, FLAGS.workdir)
-    finally:
-        logging.info("compilation: %s", runtime.COMPILE_STATS.summary())
+    run_reporting_outcome(config, FLAGS.workdir)
 
 
 def run_reporting_outcome(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Run the task; a preemption stop exits 0, known failures end with one line on stderr and exit code 1."""
-    from beitv2_jax import validate
+    from beitv2_jax import runtime, validate
     from beitv2_jax.data import transforms
     from beitv2_jax.train import checkpoint, loop, workdir_lock
 
     try:
         run_task(config, workdir)
+        logging.info("compilation: %s", runtime.COMPILE_STATS.summary())
     except loop.Preempted as e:
-        logging.warning("%s", e)
+        logging.info("compilation: %s", runtime.COMPILE_STATS.summary())
+        logging.warning("%s", e)  # the last line: how to resume
         sys.exit(0)
     except (validate.ConfigError, workdir_lock.WorkdirBusyError, checkpoint.IncompatibleCheckpointError) as e:
         _die(str(e))
