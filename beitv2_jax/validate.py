@@ -205,6 +205,12 @@ def validate_batch(config: ConfigDict) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     dp = mesh_shape[0] * mesh_shape[1]
+    # Each process feeds its own rows of the batch (sharding.to_global_batch): the batch axes must split over the
+    # processes, else rows of different processes land on devices that hold the same replica (silently wrong).
+    _require(dp % jax.process_count() == 0,
+             f"config.mesh data×fsdp = {mesh_shape[0]}×{mesh_shape[1]} = {dp} must be a multiple of the "
+             f"{jax.process_count()} processes (each process feeds its own batch rows); move devices from "
+             f"config.mesh.tensor to data or fsdp")
     for key in ("batch_size", "eval_batch_size"):
         value = config.get(key) or 0
         _require(value % dp == 0, f"config.{key}={value} is not divisible by the data-parallel size {dp} "

@@ -276,3 +276,13 @@ def test_cli_one_line_for_broken_config_files_keys_and_workdirs(tmp_path, case):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()
     assert len(last) == 1 and last[0].startswith(expected), result.stderr
+
+
+def test_batch_axes_must_split_over_the_processes(config, monkeypatch):
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    config.mesh.update(data=1, fsdp=1, tensor=-1)  # tensor over every device: both processes' rows on one replica
+    assert error_of(config) == ("config.mesh data×fsdp = 1×1 = 1 must be a multiple of the 2 processes (each "
+                                "process feeds its own batch rows); move devices from config.mesh.tensor to data or "
+                                "fsdp")
