@@ -134,7 +134,9 @@ def check_local_workdir(workdir: str) -> None:
     """A local ``--workdir`` must be a directory this process can write (created if missing)."""
     import tempfile
 
-    if "://" in workdir:
+    from beitv2_jax import storage
+
+    if storage.is_remote(workdir):
         return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         _die(f"--workdir {workdir} is a file, not a directory")

@@ -19,19 +19,17 @@ from typing import Optional, Sequence
 import jax
 from absl import logging
 
+from beitv2_jax import storage
+
 CACHE_DIRNAME = "jax_compilation_cache"
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # compile, or load from the persistent cache
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 CACHE_MISS_EVENT = "/jax/compilation_cache/cache_misses"
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _parent(workdir: str) -> str:
     """The folder that holds ``workdir`` (a local path or a ``scheme://bucket/...`` URI; a bucket is its own)."""
-    if _is_uri(workdir):
+    if storage.is_remote(workdir):
         scheme, rest = workdir.split("://", 1)
         parts = rest.rstrip("/").split("/")
         return f"{scheme}://{'/'.join(parts[:-1]) if len(parts) > 1 else parts[0]}"
@@ -58,7 +56,7 @@ def compilation_cache_dir(setting: str, workdir: str, home: Optional[str] = None
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return os.environ["JAX_COMPILATION_CACHE_DIR"]
     candidate = f"{_parent(workdir).rstrip('/')}/{CACHE_DIRNAME}"
-    if _is_uri(candidate) or _writable_dir(candidate):
+    if storage.is_remote(candidate) or _writable_dir(candidate):
         return candidate
     return os.path.join(home or os.path.expanduser("~"), ".cache", "beitv2_jax", CACHE_DIRNAME)
 
@@ -70,7 +68,7 @@ def setup_compilation_cache(setting: str, workdir: str) -> Optional[str]:
     directory = compilation_cache_dir(setting, workdir)
     if directory is None:
         return None
-    if not _is_uri(directory):
+    if not storage.is_remote(directory):
         os.makedirs(directory, exist_ok=True)
         if not os.access(directory, os.W_OK):
             raise OSError(f"compilation cache directory {directory} is not writable")
@@ -172,7 +170,7 @@ class ProfileWindow:
 
     def before(self, step: int) -> None:
         if not self.active and not self.traced and self.first <= step <= self.last:
-            if not _is_uri(self.directory):
+            if not storage.is_remote(self.directory):
                 os.makedirs(self.directory, exist_ok=True)
             jax.profiler.start_trace(self.directory)
             self.active = True

@@ -14,6 +14,8 @@ import json
 import os
 import socket
 
+from beitv2_jax import storage
+
 LOCK_NAME = ".lock"
 _held: dict = {}  # real path of the workdir → open lock file (kept open: the lock lives as long as the process)
 
@@ -32,7 +34,7 @@ def acquire(workdir: str) -> bool:
 
     Raises ``WorkdirBusyError`` naming the owner when another process holds it.
     """
-    if "://" in workdir:
+    if storage.is_remote(workdir):
         return False
     os.makedirs(workdir, exist_ok=True)
     key = os.path.realpath(workdir)
