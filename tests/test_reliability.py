@@ -555,45 +555,40 @@ def test_second_run_on_the_same_workdir_is_refused_and_the_first_finishes(setup,
 
 
 def test_metrics_rows_stay_whole_when_the_disk_is_full(tmp_path, caplog):
+    from beitv2_jax import storage
     from beitv2_jax.train import metrics as metrics_lib
 
     writer = metrics_lib.MetricsWriter(str(tmp_path), enabled=True)
     writer.write_scalars(1, {"loss": 1.0})
-    real = writer._jsonl
+    log = writer._jsonl
+    real = log._file
 
     class FullDisk:  # writes half of what it is given to the file, then fails like a full disk
-        name = real.name
-
-        def __init__(self):
-            self.file = real
-
         def tell(self):
-            return self.file.tell()
+            return real.tell()
 
         def write(self, text):
-            self.file.write(text[: len(text) // 2])
-            self.file.flush()
+            real.write(text[: len(text) // 2])
+            real.flush()
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        def flush(self):
-            self.file.flush()
-
         def close(self):
-            self.file.close()
+            real.close()
 
-    writer._jsonl = FullDisk()
+    log._file = FullDisk()
     with caplog.at_level(logging.ERROR):
         writer.write_scalars(2, {"loss": 2.0})
     assert "metrics row of step 2 not written" in caplog.text and "No space left" in caplog.text
-    writer.write_scalars(3, {"loss": 3.0})
+    writer.write_scalars(3, {"loss": 3.0})  # the disk has room again
     writer.close()
     assert [r["step"] for r in metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 3]
-    # A torn last line (a process killed mid-write) is cut when the file is opened again.
+    # A torn last line (a process killed mid-write) is cut when the log is opened again.
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "lo')
-    writer = metrics_lib.MetricsWriter(str(tmp_path), enabled=True)
-    writer.write_scalars(4, {"loss": 4.0})
-    writer.close()
+    log = storage.AppendLog(str(tmp_path / "metrics.jsonl"))
+    assert log.repaired == len('{"step": 4, "lo')
+    log.append('{"step": 4}\n')
+    log.close()
     assert [r["step"] for r in metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 3, 4]
 
 
@@ -611,8 +606,8 @@ def _processes_with(tag: str) -> list:
 
 def test_sigkill_with_two_workers_leaves_no_orphans(setup):
     tag = f"BEITV2_ORPHAN_TEST={os.getpid()}"
-    config = write_config(setup, "workers", data__num_workers=2)
-    workdir = str(setup[0] / "workers")
+    config = write_config(setup, "orphans", data__num_workers=2)
+    workdir = str(setup[0] / "orphans")
     env = dict(setup[1], BEITV2_ORPHAN_TEST=str(os.getpid()))
     code, stderr = start_and_signal((setup[0], env, setup[2]), config, workdir, 2, signal.SIGKILL)
     assert code == -signal.SIGKILL, stderr[-2000:]
@@ -702,7 +697,7 @@ def test_disk_full_mid_run_keeps_a_checkpoint_and_whole_metrics_rows(setup, refe
         err.seek(0)
         stderr = err.read()
     assert code == 1, stderr[-3000:]
-    last = stderr.strip().splitlines()[-1]
+    last = stderr.strip().splitlines()[-1].strip()  # after the progress bar's carriage return
     assert last.startswith("error: ") and "No space left on device" in last and "is kept" in last, last
     assert "Exception in thread" not in stderr  # the TensorBoard writer thread survives the full disk (no hang)
     kept = checkpoint_steps(workdir)

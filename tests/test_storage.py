@@ -101,9 +101,9 @@ def test_storage_helpers_on_the_emulator(gcs):
     assert storage.read_json(storage.join(root, "a", "x.json")) == {"v": 1}
     assert storage.isfile(storage.join(root, "a", "x.json")) and storage.isdir(storage.join(root, "a"))
     log = storage.AppendLog(storage.join(root, "log.jsonl"))
-    log.write("1\n"), log.flush(), log.write("2\n"), log.close()
+    log.append("1\n"), log.append("2\n"), log.close()
     log = storage.AppendLog(storage.join(root, "log.jsonl"))  # a second run appends after the first one's lines
-    log.write("3\n"), log.close()
+    log.append("3\n"), log.close()
     assert storage.read_text(storage.join(root, "log.jsonl")) == "1\n2\n3\n"
     storage.rename(storage.join(root, "a"), storage.join(root, "b"))
     assert sorted(storage.listdir(root)) == ["b", "log.jsonl"]
