@@ -485,6 +485,9 @@ def _not_prepared_error(name: str, data_dir: str) -> FileNotFoundError:
         how = (f'tfds build scene_parse150 --data_dir={data_dir} --file_format=array_record   (needs TensorFlow '
                f'once: pip install ".[prepare]"), or the ADEChallengeData2016 folder: python -m '
                f'beitv2_jax.data.sources prepare-folder --src ADEChallengeData2016 --data_dir {data_dir} --name ade20k')
+    elif base_name == 'ade20k':
+        how = (f'python -m beitv2_jax.data.sources prepare-folder --src ADEChallengeData2016 --data_dir {data_dir} '
+               f'--name ade20k   (the unzipped ADEChallengeData2016.zip: images/ and annotations/)')
     elif base_name == 'imagenet2012':
         how = (f'tfds build imagenet2012 --manual_dir=<dir with ILSVRC2012_img_*.tar> '
                f'--data_dir={data_dir} --file_format=array_record   (needs TensorFlow once: '
