@@ -449,7 +449,7 @@ def seg_setup(tmp_path_factory, demo_data_dir):
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
                XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
                PYTHONPATH=os.pathsep.join([str(root / "no_torch"), REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
-    return root, env, str(config)
+    return root, env, str(config), demo_data_dir
 
 
 def _main(setup, workdir):
@@ -506,3 +506,33 @@ def test_segment_run_resumes_bit_exact_after_sigkill(seg_setup):
         np.testing.assert_array_equal(a, b)
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert results["last"]["step"] == 8 and results["last"]["num_images"] == 10
+
+
+def test_demo_stage_five_trains_both_twins_and_reports_them(seg_setup, capsys):
+    """The demo's segmentation stage at toy size: the pretrained encoder and its random-init twin (same heads'
+    init, different backbones), both evaluated, both in the summary; a second call skips the finished runs."""
+    from beitv2_jax.convert import store
+    from beitv2_jax.train.tasks import demo
+
+    from conftest import load_config_file
+
+    root = seg_setup[0]
+    c = load_config_file("demo")
+    c.data.data_dir = seg_setup[3]
+    s = c.segment
+    s.batch_size, s.eval_batch_size, s.num_steps, s.log_every_steps = 4, 10, 2, 1
+    s.model.update(channels=8, aux_channels=8)
+    s.eval.num_images = 10
+    results = demo.segment_stage(c, str(root / "demo"), str(root / "encoder"))
+    assert set(results) == {"pretrained", "random_init"}
+    assert all(r["num_images"] == 10 and 0 <= r["mIoU"] <= 100 for r in results.values())
+    pre = store.load_variables(str(root / "demo" / "segment" / "pretrained" / "model"))[0]["params"]
+    rnd = store.load_variables(str(root / "demo" / "segment" / "random_init" / "model"))[0]["params"]
+    assert jax.tree.structure(pre) == jax.tree.structure(rnd)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pre["backbone"]),
+                                                        jax.tree.leaves(rnd["backbone"])))
+    demo.print_summary({"segment": results}, {"segment": 1.0}, str(root / "demo"))
+    assert "segmentation (10 test images" in capsys.readouterr().out
+    start = time.perf_counter()
+    assert demo.segment_stage(c, str(root / "demo"), str(root / "encoder")) == results
+    assert time.perf_counter() - start < 5.0
