@@ -28,7 +28,7 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 for a m
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
-TASKS = ("vqkd", "pretrain", "ibot", "demo", "finetune", "linear_probe", "knn")
+TASKS = ("vqkd", "pretrain", "ibot", "demo", "finetune", "linear_probe", "knn", "segment")
 
 
 def _die(message: str, code: int = 2) -> None:

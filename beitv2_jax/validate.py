@@ -20,6 +20,7 @@ _RUN_OPTIONAL = {"inject_nan_steps": (list, tuple), "logical_axis_rules": (list,
 OPTIONAL_KEYS = {
     "pretrain": {"": _RUN_OPTIONAL, "model": {"init_std": (int, float)}, "optim": {"warmup_steps": (int,)}},
     "ibot": {"": _RUN_OPTIONAL},
+    "segment": {"": _RUN_OPTIONAL},
     "vqkd": {"": _RUN_OPTIONAL, "model": {"decoder_width": (int,), "decoder_heads": (int,),
                                           "drop_path_rate": (int, float)}, "optim": {"warmup_steps": (int,)}},
 }
@@ -33,6 +34,7 @@ INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest")
 TEACHER_KINDS = ("clip", "dino", "vit_checkpoint")
 TOKENIZER_KINDS = ("vqkd", "dvae")
 DEMO_STAGES = ("ibot", "vqkd", "pretrain")
+SEGMENT_MODES = ("slide", "whole")
 TARGETS = ("hard", "multi_choice")
 
 
@@ -50,7 +52,8 @@ def _reference(task: str) -> Optional[Callable[[], ConfigDict]]:
     from beitv2_jax import recipes
 
     return {"pretrain": recipes.beitv2_pretrain, "vqkd": recipes.vqkd, "finetune": recipes.beitv2_finetune,
-            "linear_probe": recipes.linear_probe, "knn": recipes.knn_eval, "ibot": recipes.ibot}.get(task)
+            "linear_probe": recipes.linear_probe, "knn": recipes.knn_eval, "ibot": recipes.ibot,
+            "segment": recipes.beitv2_segment}.get(task)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,10 +224,11 @@ def validate_batch(config: ConfigDict) -> None:
 
 def validate_run_settings(config: ConfigDict) -> None:
     """Step counts, checkpointing and the guard: positive where a count, known names where a choice."""
-    for key in ("num_epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_bad_steps"):
+    for key in ("num_epochs", "num_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "max_bad_steps"):
         if key in config:
             _positive_int(config, key)
-    for key in ("steps_per_epoch", "eval_batch_size"):
+    for key in ("steps_per_epoch", "eval_batch_size", "eval_every_steps"):
         value = config.get(key) or 0
         _require(isinstance(value, int) and value >= 0, f"config.{key} must be an integer >= 0, got {value!r}")
     if "dtype" in config:
@@ -325,6 +329,34 @@ def validate_ibot(config: ConfigDict) -> None:
     _require(h.num_layers >= 2, f"config.head.num_layers={h.num_layers} must be >= 2")
 
 
+def validate_segment(config: ConfigDict) -> None:
+    """Segmentation settings: classes, feature blocks, augmentation ranges, evaluation mode and stride."""
+    m, seg, ev, o = config.model, config.segmentation, config.eval, config.optim
+    _positive_int(m, "num_classes", "config.model")
+    _require(m.num_classes <= seg.ignore_index or seg.ignore_index < 0,
+             f"config.model.num_classes={m.num_classes} must not reach config.segmentation.ignore_index="
+             f"{seg.ignore_index}")
+    _require(len(m.out_indices) == 4, f"config.model.out_indices must name 4 blocks, got {list(m.out_indices)}")
+    _require(0 <= m.aux_in_index < 4, f"config.model.aux_in_index={m.aux_in_index} must be in [0, 3]")
+    _require(len(seg.img_scale) == 2 and all(isinstance(v, int) and v > 0 for v in seg.img_scale),
+             f"config.segmentation.img_scale must be two positive integers, got {list(seg.img_scale)}")
+    lo, hi = seg.ratio_range
+    _require(0 < lo <= hi, f"config.segmentation.ratio_range={list(seg.ratio_range)} must satisfy 0 < low <= high")
+    _require(0 < seg.cat_max_ratio <= 1, f"config.segmentation.cat_max_ratio={seg.cat_max_ratio} must be in (0, 1]")
+    _require(0 <= seg.hflip <= 1, f"config.segmentation.hflip={seg.hflip} must be in [0, 1]")
+    _one_of(ev, "mode", SEGMENT_MODES, "config.eval")
+    _positive_int(ev, "stride", "config.eval")
+    _require(ev.stride <= config.data.input_size, f"config.eval.stride={ev.stride} must not exceed the crop "
+                                                  f"config.data.input_size={config.data.input_size}")
+    _require(len(ev.img_scale) == 2 and all(isinstance(v, int) and v > 0 for v in ev.img_scale),
+             f"config.eval.img_scale must be two positive integers, got {list(ev.img_scale)}")
+    _require(isinstance(ev.num_images, int) and ev.num_images >= 0,
+             f"config.eval.num_images must be an integer >= 0, got {ev.num_images!r}")
+    _require(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,
+             f"config.optim.warmup_steps must be an integer >= 0, got {o.warmup_steps!r}")
+    _require(0 < o.layer_decay <= 1, f"config.optim.layer_decay={o.layer_decay} must be in (0, 1]")
+
+
 def validate_vqkd(config: ConfigDict, standalone: bool) -> None:
     _one_of(config.teacher, "kind", TEACHER_KINDS, "config.teacher")
     if standalone:
@@ -375,7 +407,11 @@ def validate_stage(config: ConfigDict, task: str, parent: Optional[ConfigDict] =
         validate_vqkd(config, standalone=parent is None)
     elif task in ("finetune", "linear_probe", "knn"):
         validate_pretrained(config)
-    if task == "finetune" and "model" in config:
+    elif task == "segment":
+        validate_segment(config)
+        if parent is None:
+            validate_pretrained(config)
+    if task in ("finetune", "segment") and "model" in config:
         from beitv2_jax.models import relpos
 
         method = config.model.get("rel_pos_interpolation", "official_cubic")
@@ -402,11 +438,16 @@ def validate_config(config: ConfigDict, workdir: Optional[str] = None) -> None:
         for stage in DEMO_STAGES:
             validate_stage(config[stage], stage, parent=config)
         validate_dataset(config, ("train_split", "eval_split"))
+        if "segment" in config:  # its own data (the masks) and batch; the encoder comes from the pretrain stage
+            check_keys(config.segment, _reference("segment")(), "config.segment", OPTIONAL_KEYS["segment"])
+            validate_stage(config.segment, "segment", parent=config.segment)
     else:
         reference = _reference(task)
         if reference is not None:
             check_keys(config, reference(), optional=OPTIONAL_KEYS.get(task))
         validate_stage(config, task)
+        if task == "segment":
+            validate_dataset(config, ("train_split", "eval_split"))
         if "data" in config and task in ("vqkd", "pretrain", "ibot"):
             needs_eval = task == "vqkd" or (task == "ibot" and config.get("knn_at_end"))
             validate_dataset(config, ("train_split", "eval_split") if needs_eval else ("train_split",))

@@ -1,4 +1,5 @@
-"""The demo: iBOT teacher → VQ-KD tokenizer → BEiT v2 pretraining → evaluation, on the built-in data, CPU-sized.
+"""The demo: iBOT teacher → VQ-KD tokenizer → BEiT v2 pretraining → evaluation → segmentation, on the built-in data,
+CPU-sized.
 
 python -m beitv2_jax.main --config configs/demo.py --workdir /tmp/beitv2_demo
 
@@ -59,4 +60,6 @@ def get_config():
     c.pretrain = demo_pretrain()
 
     c.eval = ml_collections.ConfigDict({"knn_k": 20, "knn_temperature": 0.07, "num_token_maps": 6})
+    # Stage 5: segmentation on the built-in masks from pretrain/model and from its random-init twin.
+    c.segment = recipes.demo_segment()
     return c

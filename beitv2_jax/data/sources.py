@@ -7,6 +7,10 @@ Three kinds of dataset are supported, all opened with :func:`open_source`:
 * image folders: ``<src>/<class>/*.jpg|png`` (optionally ``<src>/<split>/<class>/...``) converted by
   :func:`prepare_image_folder` (or ``python -m beitv2_jax.data.sources prepare-folder``) into a tfds
   dataset whose ``image`` feature holds the encoded file bytes.
+* ``beitv2_demo_seg``: the same shapes with their per-pixel class maps (11 classes: background + the 10 shapes),
+  for semantic segmentation (:func:`ensure_demo_seg_dataset`).
+* segmentation folders: ``<src>/images/<split>/*.jpg`` with ``<src>/annotations/<split>/*.png`` label maps of the
+  same stem (the ``ADEChallengeData2016`` layout), converted by the same ``prepare-folder`` command.
 * ``imagenet2012`` and any other tfds dataset already prepared in ``data_dir`` as array_record.
   Preparing ImageNet uses tfds' own builder, which needs TensorFlow at preparation time only:
   ``tfds build imagenet2012 --manual_dir=DIR --data_dir=DIR --file_format=array_record``.
@@ -36,11 +40,13 @@ import tensorflow_datasets as tfds
 from beitv2_jax import storage
 
 DEMO_NAME = 'beitv2_demo'
+DEMO_SEG_NAME = 'beitv2_demo_seg'
 IMAGE_FOLDER_NAME = 'beitv2_image_folder'
 DEMO_IMAGE_SIZE = 64
 DEMO_CLASSES = ('circle', 'square', 'triangle', 'cross', 'ring', 'stripes_h', 'stripes_v',
                 'checker', 'diamond', 'ellipse')
 DEMO_SPLIT_SIZES = {'train': 5000, 'test': 1000}
+DEMO_SEG_CLASSES = ('background',) + DEMO_CLASSES  # segmentation ids: 0 background, 1 + shape id
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 _SPLIT_DIR_NAMES = ('train', 'val', 'validation', 'test')
 MAX_NAMED_BAD_IMAGES = 10
@@ -165,8 +171,13 @@ _DEMO_SHAPES = {
 assert tuple(_DEMO_SHAPES) == DEMO_CLASSES
 
 
-def render_demo_images(split_seed: int, indices: Sequence[int], labels: Sequence[int]) -> np.ndarray:
-    """Renders demo images ``uint8 [n, 64, 64, 3]``; image i depends only on (split_seed, indices[i])."""
+def render_demo_images(split_seed: int, indices: Sequence[int], labels: Sequence[int],
+                       return_masks: bool = False):
+    """Renders demo images ``uint8 [n, 64, 64, 3]``; image i depends only on (split_seed, indices[i]).
+
+    With ``return_masks`` also returns the shapes' foreground masks ``bool [n, 64, 64]`` (the pixels drawn in the
+    foreground colour: stripes and checkers are their drawn cells, a ring is the annulus).
+    """
     labels = np.asarray(labels)
     params = [_demo_params(split_seed, int(i), int(c)) for i, c in zip(indices, labels)]
     stack = lambda key: np.stack([p[key] for p in params]).astype(np.float32)
@@ -191,7 +202,14 @@ def render_demo_images(split_seed: int, indices: Sequence[int], labels: Sequence
     bg = (stack('bg')[:, None, None, :] + ramp[None, :, None, None] * gradient[:, None, None, 0]
           + ramp[None, None, :, None] * gradient[:, None, None, 1])
     image = np.where(fg_mask[..., None], stack('fg')[:, None, None, :], bg) + stack('noise')
-    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+    image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    return (image, fg_mask) if return_masks else image
+
+
+def demo_segmentation_maps(fg_masks: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """Per-pixel class ids ``uint8 [n, H, W]``: 0 on the background, ``1 + label`` on the shape's pixels."""
+    labels = np.asarray(labels, np.int64)
+    return np.where(fg_masks, (labels + 1)[:, None, None], 0).astype(np.uint8)
 
 
 def demo_labels(split: str) -> np.ndarray:
@@ -248,6 +266,54 @@ def ensure_demo_dataset(data_dir: str | os.PathLike | None = None) -> None:
         return
     with _file_lock(data_dir):
         builder = Beitv2Demo(data_dir=data_dir, file_format='array_record')
+        if not builder.is_prepared():
+            _prepare(builder)
+
+
+class Beitv2DemoSeg(_LocalBuilder, skip_registration=True):
+    """The demo shapes with per-pixel class maps: 11 classes (0 background, 1 + shape id), 64x64, 5,000 train +
+    1,000 test; image i of a split is image i of ``beitv2_demo`` (same pixels), its map marks the shape's pixels."""
+
+    name = DEMO_SEG_NAME
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'Initial release (the beitv2_demo 2.0.0 images).'}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        size = DEMO_IMAGE_SIZE
+        return self.dataset_info_from_configs(
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict({
+                'image': tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8, encoding='bytes'),
+                'segmentation': tfds.features.Tensor(shape=(size, size), dtype=np.uint8, encoding='bytes'),
+                'label': tfds.features.ClassLabel(names=DEMO_CLASSES),
+            }),
+            supervised_keys=('image', 'segmentation'),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split) for split in DEMO_SPLIT_SIZES}
+
+    def _generate_examples(self, split: str):
+        labels = demo_labels(split)
+        for start in range(0, len(labels), _DEMO_CHUNK):
+            indices = np.arange(start, min(start + _DEMO_CHUNK, len(labels)))
+            images, masks = render_demo_images(_split_seed(split), indices, labels[indices], return_masks=True)
+            maps = demo_segmentation_maps(masks, labels[indices])
+            for index, image, seg in zip(indices, images, maps):
+                yield int(index), {'image': image, 'segmentation': seg, 'label': int(labels[index])}
+
+
+def ensure_demo_seg_dataset(data_dir: str | os.PathLike | None = None) -> None:
+    """Prepares ``beitv2_demo_seg`` in ``data_dir`` unless it is there; safe across processes."""
+    data_dir = _resolve(data_dir)
+    if Beitv2DemoSeg(data_dir=data_dir).is_prepared():
+        return
+    if storage.is_remote(data_dir):
+        _prepare_and_upload(lambda local: Beitv2DemoSeg(data_dir=local, file_format='array_record'), data_dir)
+        return
+    with _file_lock(data_dir):
+        builder = Beitv2DemoSeg(data_dir=data_dir, file_format='array_record')
         if not builder.is_prepared():
             _prepare(builder)
 
@@ -342,9 +408,9 @@ class Beitv2ImageFolder(_LocalBuilder, skip_registration=True):
             yield rel, {'image': data, 'label': label, 'file_name': rel}
 
 
-def _folder_builder_class(name: str) -> type[Beitv2ImageFolder]:
-    """A non-registered subclass whose tfds name (and so its directory) is ``name``."""
-    return types.new_class(name, (Beitv2ImageFolder,), {'skip_registration': True},
+def _folder_builder_class(name: str, base: type = Beitv2ImageFolder) -> type:
+    """A non-registered subclass of ``base`` whose tfds name (and so its directory) is ``name``."""
+    return types.new_class(name, (base,), {'skip_registration': True},
                            lambda ns: ns.update(name=name, __module__=__name__))
 
 
@@ -362,11 +428,14 @@ def prepare_image_folder(src_dir: str, data_dir: str | os.PathLike | None = None
                          name: str = IMAGE_FOLDER_NAME, overwrite: bool = False, verify: bool = True) -> str:
     """Converts an image folder into the array_record tfds dataset ``name`` in ``data_dir``.
 
+    A folder with ``images/`` and ``annotations/`` sub-folders is a segmentation folder
+    (:func:`scan_segmentation_folder`: records ``image``, ``segmentation``, ``file_name``); any other is a
+    classification folder (:func:`scan_image_folder`: ``image``, ``label``, ``file_name``).
     ``name`` must be a tfds-style name (lower case, digits, underscores). If ``name`` is already prepared there
     from the same folder, nothing is done; from another folder, ``ValueError`` unless ``overwrite`` (then it is
-    rebuilt). With ``verify`` every image is decoded once: the ones that cannot be are left out, counted and
-    named (the first ``MAX_NAMED_BAD_IMAGES``) in the log and in ``PREPARATION_FILE``. Returns the dataset
-    directory ``data_dir/name/1.0.0``.
+    rebuilt). With ``verify`` every image (and label map) is decoded once: the records that cannot be are left out,
+    counted and named (the first ``MAX_NAMED_BAD_IMAGES``) in the log and in ``PREPARATION_FILE``. Returns the
+    dataset directory ``data_dir/name/1.0.0``.
     """
     if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
         raise ValueError(f'dataset name {name!r} must match [a-z][a-z0-9_]* (lower case, digits, underscores)')
@@ -386,10 +455,11 @@ def prepare_image_folder(src_dir: str, data_dir: str | os.PathLike | None = None
                                  f'--overwrite to rebuild it from {src}, or choose another --name')
             storage.rmtree(storage.join(data_dir, name))
         builders = []
+        base = Beitv2SegmentationFolder if is_segmentation_folder(src) else Beitv2ImageFolder
 
-        def build(builder_data_dir: str) -> Beitv2ImageFolder:
-            builders.append(_folder_builder_class(name)(src_dir=src, data_dir=builder_data_dir,
-                                                        file_format='array_record', verify=verify))
+        def build(builder_data_dir: str):
+            builders.append(_folder_builder_class(name, base)(src_dir=src, data_dir=builder_data_dir,
+                                                              file_format='array_record', verify=verify))
             return builders[-1]
 
         if remote:  # prepared in a local temporary data_dir, then uploaded
@@ -407,12 +477,109 @@ def prepare_image_folder(src_dir: str, data_dir: str | os.PathLike | None = None
 
 
 # ----------------------------------------------------------------------------------------------
+# Segmentation folders: <src>/images/<split>/<file> + <src>/annotations/<split>/<stem>.png.
+# ----------------------------------------------------------------------------------------------
+
+SEG_IMAGES_DIR, SEG_ANNOTATIONS_DIR = 'images', 'annotations'
+_SEG_SPLIT_NAMES = {'training': 'train'}  # ADEChallengeData2016 folder name → tfds split name
+
+
+def is_segmentation_folder(src_dir: str) -> bool:
+    """Whether ``src_dir`` has the segmentation layout (``images/`` and ``annotations/`` sub-folders)."""
+    return all(os.path.isdir(os.path.join(src_dir, d)) for d in (SEG_IMAGES_DIR, SEG_ANNOTATIONS_DIR))
+
+
+def scan_segmentation_folder(src_dir: str) -> dict[str, list[tuple[str, str]]]:
+    """``{split: [(image_path, label_map_path), ...]}`` for ``<src>/images/<split>/...`` and
+    ``<src>/annotations/<split>/...`` (label maps matched by relative path without extension; ``training`` is
+    named ``train``). Without split sub-folders everything is the ``train`` split.
+
+    Raises:
+      ValueError: no images, or images without a label map (the first few are named).
+    """
+    images_root = os.path.join(src_dir, SEG_IMAGES_DIR)
+    labels_root = os.path.join(src_dir, SEG_ANNOTATIONS_DIR)
+    split_dirs = _subdirs(images_root) or ['']
+    splits = {}
+    for split_dir in split_dirs:
+        image_dir = os.path.join(images_root, split_dir)
+        label_dir = os.path.join(labels_root, split_dir)
+        labels = {os.path.splitext(os.path.relpath(p, label_dir))[0]: p
+                  for p in (_list_images(label_dir) if os.path.isdir(label_dir) else [])}
+        pairs, missing = [], []
+        for path in _list_images(image_dir):
+            stem = os.path.splitext(os.path.relpath(path, image_dir))[0]
+            (pairs.append((path, labels[stem])) if stem in labels else missing.append(stem))
+        if missing:
+            raise ValueError(f'{len(missing)} images in {image_dir} have no label map in {label_dir} '
+                             f'(e.g. {missing[:3]})')
+        if not pairs:
+            raise ValueError(f'No images with extensions {IMAGE_EXTENSIONS} found in {image_dir}.')
+        splits[_SEG_SPLIT_NAMES.get(split_dir, split_dir or 'train')] = pairs
+    return splits
+
+
+class Beitv2SegmentationFolder(_LocalBuilder, skip_registration=True):
+    """Images with per-pixel label maps; ``image`` and ``segmentation`` hold the encoded file bytes."""
+
+    name = 'beitv2_segmentation_folder'
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+
+    def __init__(self, *, src_dir: str, verify: bool = True, **kwargs):
+        self._src_dir = os.path.expanduser(src_dir)
+        self._splits = scan_segmentation_folder(self._src_dir)
+        self._verify = verify
+        self.bad_images: list[str] = []  # records skipped because the image or its label map cannot be decoded
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            description=f'Segmentation folder {self._src_dir}',
+            features=tfds.features.FeaturesDict({
+                'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+                'segmentation': tfds.features.Tensor(shape=(), dtype=np.object_),
+                'file_name': tfds.features.Tensor(shape=(), dtype=np.object_),
+            }),
+            supervised_keys=('image', 'segmentation'),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(items) for split, items in self._splits.items()}
+
+    def _generate_examples(self, items: list[tuple[str, str]]):
+        from beitv2_jax.data import transforms  # pylint: disable=g-import-not-at-top  (transforms imports PIL)
+
+        for image_path, label_path in items:
+            rel = os.path.relpath(image_path, self._src_dir)
+            with open(image_path, 'rb') as f, open(label_path, 'rb') as g:
+                image, label = f.read(), g.read()
+            if self._verify:
+                try:
+                    transforms.decode_image(image)
+                    transforms.decode_image(label)
+                except transforms.UndecodableImageError:
+                    self.bad_images.append(rel)
+                    continue
+            yield rel, {'image': image, 'segmentation': label, 'file_name': rel}
+
+
+# ----------------------------------------------------------------------------------------------
 # Opening sources.
 # ----------------------------------------------------------------------------------------------
 
 
 def _not_prepared_error(name: str, data_dir: str) -> FileNotFoundError:
-    if name.split('/')[0].split(':')[0] == 'imagenet2012':
+    base_name = name.split('/')[0].split(':')[0]
+    if base_name == 'scene_parse150':
+        how = (f'tfds build scene_parse150 --data_dir={data_dir} --file_format=array_record   (needs TensorFlow '
+               f'once: pip install ".[prepare]"), or the ADEChallengeData2016 folder: python -m '
+               f'beitv2_jax.data.sources prepare-folder --src ADEChallengeData2016 --data_dir {data_dir} --name ade20k')
+    elif base_name == 'ade20k':
+        how = (f'python -m beitv2_jax.data.sources prepare-folder --src ADEChallengeData2016 --data_dir {data_dir} '
+               f'--name ade20k   (the unzipped ADEChallengeData2016.zip: images/ and annotations/)')
+    elif base_name == 'imagenet2012':
         how = (f'tfds build imagenet2012 --manual_dir=<dir with ILSVRC2012_img_*.tar> '
                f'--data_dir={data_dir} --file_format=array_record   (needs TensorFlow once: '
                f'pip install ".[prepare]")')
@@ -437,6 +604,9 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     if name == DEMO_NAME:
         ensure_demo_dataset(data_dir)
         return Beitv2Demo(data_dir=data_dir).as_data_source(split=split)
+    if name == DEMO_SEG_NAME:
+        ensure_demo_seg_dataset(data_dir)
+        return Beitv2DemoSeg(data_dir=data_dir).as_data_source(split=split)
     try:
         builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
     except tfds.core.registered.DatasetNotFoundError:
@@ -450,14 +620,15 @@ def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog='python -m beitv2_jax.data.sources')
     commands = parser.add_subparsers(dest='command', required=True)
     folder = commands.add_parser('prepare-folder', help='convert an image folder to a tfds dataset')
-    folder.add_argument('--src', required=True, help='folder of class sub-folders (or split folders)')
+    folder.add_argument('--src', required=True, help='folder of class sub-folders (or split folders), or a '
+                        'segmentation folder with images/<split>/ and annotations/<split>/')
     folder.add_argument('--data_dir', default=None, help='tfds data_dir (default $TFDS_DATA_DIR)')
     folder.add_argument('--name', default=IMAGE_FOLDER_NAME, help='dataset name to create')
     folder.add_argument('--overwrite', action='store_true',
                         help='rebuild NAME when it was prepared from another --src')
     folder.add_argument('--skip_verify', action='store_true',
                         help='do not decode every image once at preparation (bad ones are then skipped in training)')
-    demo = commands.add_parser('prepare-demo', help='generate the built-in demo dataset')
+    demo = commands.add_parser('prepare-demo', help='generate the built-in demo datasets (classes and masks)')
     demo.add_argument('--data_dir', default=None)
     args = parser.parse_args(argv)
     if args.command == 'prepare-folder':
@@ -474,7 +645,9 @@ def _main(argv: Sequence[str] | None = None) -> None:
         print(out_dir)
     else:
         ensure_demo_dataset(args.data_dir)
+        ensure_demo_seg_dataset(args.data_dir)
         print(storage.join(_resolve(args.data_dir), DEMO_NAME))
+        print(storage.join(_resolve(args.data_dir), DEMO_SEG_NAME))
 
 
 if __name__ == '__main__':

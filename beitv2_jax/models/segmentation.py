@@ -216,8 +216,9 @@ class SegmentationBackbone(vit.VisionTransformer):
                 set(self.out_indices)):
             raise ValueError(f"out_indices {self.out_indices} must be 4 increasing block indices in "
                              f"[0, {self.depth - 1}] (the official forward collects them in block order)")
-        if self.patch_size not in (8, 16):
-            raise ValueError(f"the official fpn1..fpn4 exist for patch sizes 16 and 8, got {self.patch_size}")
+        if self.patch_size not in (4, 8, 16):
+            raise ValueError(f"fpn1..fpn4 exist for patch sizes 16 and 8 (official) and 4 (the demo's encoder), got "
+                             f"{self.patch_size}")
         if not self.use_cls_token:
             raise ValueError("the segmentation backbone expects a class token (dropped from the features)")
 
@@ -229,11 +230,16 @@ class SegmentationBackbone(vit.VisionTransformer):
             f2 = _FpnUp2x(d, self.dtype, name="fpn2")(features[1])
             f3 = features[2]
             f4 = max_pool(features[3], 2)
-        else:
+        elif self.patch_size == 8:
             f1 = _FpnUp2x(d, self.dtype, name="fpn1")(features[0])
             f2 = features[1]
             f3 = max_pool(features[2], 2)
             f4 = max_pool(features[3], 4)
+        else:  # patch 4 (the demo's encoder; not in the official code): the same strides without parameters
+            f1 = features[0]
+            f2 = max_pool(features[1], 2)
+            f3 = max_pool(features[2], 4)
+            f4 = max_pool(features[3], 8)
         return f1, f2, f3, f4
 
     @nn.compact

@@ -33,6 +33,25 @@ def cosine_schedule(base_value: float, final_value: float, total_steps: int, war
     return optax.join_schedules([warm, cosine], [warmup_steps])
 
 
+def poly_schedule(base_value: float, total_steps: int, power: float = 1.0, min_value: float = 0.0,
+                  warmup_steps: int = 0, warmup_ratio: float = 1e-6) -> optax.Schedule:
+    """mmcv ``PolyLrUpdaterHook`` (by iteration) with ``warmup='linear'``: ``poly(i) = (base − min)(1 − i/total)^power
+    + min`` for the 0-based step ``i``; during the first ``warmup_steps`` it is multiplied by ``1 − (1 − i/warmup)(1 −
+    warmup_ratio)`` (mmcv multiplies the regular lr of that step). Used by the segmentation recipe."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+
+    def schedule(step):
+        i = jnp.asarray(step, jnp.float32)
+        poly = (base_value - min_value) * (1.0 - jnp.minimum(i, total_steps) / total_steps) ** power + min_value
+        if warmup_steps <= 0:
+            return poly
+        factor = 1.0 - (1.0 - i / warmup_steps) * (1.0 - warmup_ratio)
+        return jnp.where(i < warmup_steps, poly * factor, poly)
+
+    return schedule
+
+
 def param_paths(params) -> dict:
     """Flat ``{'a/b/c': leaf}`` view of a parameter tree."""
     return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(flax.linen.meta.unbox(params)).items()}
@@ -59,14 +78,15 @@ def weight_decay_mask(params, no_decay_patterns: Sequence[str] = ()) -> dict:
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, params, total_steps: int, steps_per_epoch: int,
-                   lr_scale_fn: Callable | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW + clipping + schedule from ``config.optim``.
+                   lr_scale_fn: Callable | None = None,
+                   schedule: optax.Schedule | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW + clipping + schedule from ``config.optim`` (``schedule`` replaces the warmup + cosine one).
 
     Keys: ``lr``, ``min_lr``, ``warmup_epochs`` (or ``warmup_steps``), ``b1``, ``b2``, ``eps``, ``weight_decay``,
     ``clip_grad`` (global norm; 0/None = off), ``no_decay`` (regexes on parameter paths).
     """
     warmup = optim.get("warmup_steps") or int(optim.get("warmup_epochs", 0) * steps_per_epoch)
-    schedule = cosine_schedule(optim.lr, optim.min_lr, total_steps, warmup)
+    schedule = schedule or cosine_schedule(optim.lr, optim.min_lr, total_steps, warmup)
     mask = weight_decay_mask(params, tuple(optim.get("no_decay", ())))
     chain = []
     if optim.get("clip_grad"):

@@ -4,7 +4,9 @@
    checkpoint of ours");
 2. ``vqkd/``: the tokenizer distilling it (``vqkd/tokenizer``);
 3. ``pretrain/``: BEiT v2 pretraining against that tokenizer (``pretrain/model``);
-4. k-NN and linear probe of the iBOT teacher, the BEiT v2 encoder and both architectures at random initialisation.
+4. k-NN and linear probe of the iBOT teacher, the BEiT v2 encoder and both architectures at random initialisation;
+5. ``segment/``: a short semantic-segmentation run (UperNet) on the built-in masks from the BEiT v2 encoder
+   (``segment/pretrained``) and from its random-init twin (``segment/random_init``), mIoU of both.
 
 A finished stage (its exported model exists) is skipped, an interrupted one resumes from its checkpoint, so
 re-running the command continues the demo. Ends with a summary table (also ``summary.json``) and PNGs.
@@ -131,6 +133,32 @@ def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_d
     return results
 
 
+SEGMENT_RUNS = (("pretrained", False), ("random_init", True))
+
+
+def segment_stage(config: ml_collections.ConfigDict, workdir: str, model_dir: str) -> dict:
+    """The ``segment`` task (``config.segment``) from the BEiT v2 encoder and from the same architecture at random
+    initialisation; a finished run (its model exists) is not repeated. Returns ``{run: results.json 'last'}``."""
+    from beitv2_jax.train.tasks import segment
+
+    out = {}
+    for name, random_init in SEGMENT_RUNS:
+        c = config.segment.copy_and_resolve_references()
+        with c.unlocked():
+            c.seed = config.seed
+            c.data.data_dir = config.data.data_dir
+            c.mesh = config.mesh.copy_and_resolve_references()
+            c.allow_config_change = config.allow_config_change
+            c.pretrained.checkpoint = model_dir
+            c.pretrained.random_init = random_init
+        run_dir = os.path.join(workdir, "segment", name)
+        if not os.path.exists(os.path.join(run_dir, "model")):
+            segment.run(c, run_dir)
+        with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
+            out[name] = json.load(f)["last"]
+    return out
+
+
 def final_metrics(workdir: str) -> dict:
     path = storage.join(workdir, "metrics.jsonl")
     if not storage.exists(path):
@@ -174,6 +202,12 @@ def print_summary(results: dict, stage_times: dict, workdir: str) -> str:
         for label, pre, rnd in pairs:
             lines.append(f"  {label:<48} {pre.get('linear_top1', nan):7.2f} vs {rnd.get('linear_top1', nan):6.2f} "
                          f"{pre['knn_top1']:7.2f} vs {rnd['knn_top1']:6.2f}")
+    sg = results.get("segment", {})
+    if sg.get("pretrained") and sg.get("random_init"):
+        pre, rnd = sg["pretrained"], sg["random_init"]
+        lines.append(f"  segmentation ({pre['num_images']} test images of the masks, 11 classes), pretrained vs random "
+                     f"init: mIoU {pre['mIoU']:.2f} vs {rnd['mIoU']:.2f}, mAcc {pre['mAcc']:.2f} vs "
+                     f"{rnd['mAcc']:.2f}, aAcc {pre['aAcc']:.2f} vs {rnd['aAcc']:.2f}")
     t = results.get("tokenizer", {})
     if t:
         lines.append(f"  tokenizer test-split code usage: {t['test_codebook_usage']:.1f}% of {t['num_codes']} codes")
@@ -225,6 +259,10 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     results["ibot"] = {**final_metrics(ibot_dir), **_first_and_last(ibot_dir, "loss")}
     results["vqkd"] = {**final_metrics(vqkd_dir), **_first_and_last(vqkd_dir, "rec_loss")}
     results["pretrain"] = {**final_metrics(pretrain_dir), **_first_and_last(pretrain_dir, "loss")}
+    if "segment" in config:
+        start = time.perf_counter()
+        results["segment"] = segment_stage(config, workdir, model_dir)
+        times["segment"] = time.perf_counter() - start
     results["stage_seconds"] = times
     if jax.process_index() == 0:
         storage.write_json(storage.join(workdir, "summary.json"), results, indent=2)
