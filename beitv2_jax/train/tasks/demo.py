@@ -151,11 +151,10 @@ def segment_stage(config: ml_collections.ConfigDict, workdir: str, model_dir: st
             c.allow_config_change = config.allow_config_change
             c.pretrained.checkpoint = model_dir
             c.pretrained.random_init = random_init
-        run_dir = os.path.join(workdir, "segment", name)
-        if not os.path.exists(os.path.join(run_dir, "model")):
+        run_dir = storage.join(workdir, "segment", name)
+        if not storage.exists(storage.join(run_dir, "model")):
             segment.run(c, run_dir)
-        with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
-            out[name] = json.load(f)["last"]
+        out[name] = storage.read_json(storage.join(run_dir, "results.json"))["last"]
     return out
 
 

@@ -15,7 +15,6 @@ ADE20K recipe (reference §3.3; ``beit2/semantic_segmentation`` on mmseg 0.11).
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional
 
 import flax
@@ -26,6 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from beitv2_jax import storage
 from beitv2_jax.data import pipeline, segmentation as seg_data, sources, transforms
 from beitv2_jax.models import segmentation as seg_model
 from beitv2_jax.train import checkpoint as ckpt_lib
@@ -117,7 +117,7 @@ def make_train_step(model, tx, schedule, loss_config: ml_collections.ConfigDict,
             state_lib.step_rng(state, "dropout"))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & optim.is_finite_tree(grads)
+        finite = jnp.isfinite(loss) & optim.is_finite_tree(grads) & optim.is_finite_tree(params)
         extra = {**state.extra, "bad_steps": jnp.where(finite, 0, state.extra["bad_steps"] + 1)}
         updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                 model_state={"batch_stats": batch_stats}, extra=extra)
@@ -198,12 +198,12 @@ def summarize(result: dict) -> dict:
 def save_model(directory: str, variables: dict, cfg: dict, info: Optional[dict] = None) -> None:
     from beitv2_jax.convert import store
 
-    store.save_variables(directory, jax.device_get(variables), "segmentation", cfg, info=info)
+    store.save_variables(directory, sharding.host_copy(variables), "segmentation", cfg, info=info)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
     common.log_header("segment", config, workdir)
-    common.prepare_workdir(config, workdir)
+    common.prepare_workdir(config, workdir, save_config=False)  # config.json once the restore worked
     mesh = sharding.make_mesh(config.get("mesh"))
     model, cfg, variables, boxed, report = build(config)
     logging.info("segmentation model: %d parameters; %d loaded, fresh: %d; unused from the checkpoint: %s",
@@ -224,6 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     iterator = make_train_iterator(config, config.seed)
     manager = ckpt_lib.make_manager(workdir, config.get("keep_checkpoints", 3))
     state = loop.resume(manager, state, iterator)
+    common.write_config(config, workdir)
     key = {"model": cfg, "dtype": config.get("dtype", "float32"), "optim": config.optim.to_dict(),
            "steps": total_steps, "loss": config.loss.to_dict(), "ignore": config.segmentation.ignore_index,
            "mesh": str(mesh), "rules": str(sharding.logical_axis_rules(config))}
@@ -232,7 +233,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
         in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, sharding.replicated(mesh))))
     forward = _memo("forward", {k: key[k] for k in ("model", "dtype")}, lambda: make_forward(model))
     writer = MetricsWriter(workdir)
-    results_path = os.path.join(workdir, "results.json")
+    results_path = storage.join(workdir, "results.json")
     every = int(config.eval_every_steps) or total_steps
 
     def eval_hook(state, index):
@@ -248,7 +249,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
         if result["mIoU"] > best:
             best = result["mIoU"]
             if config.get("save_best", True):
-                save_model(os.path.join(workdir, "best_model"), current, cfg, info={"step": step, **result})
+                save_model(storage.join(workdir, "best_model"), current, cfg, info={"step": step, **result})
             _write_results(results_path, {"best": {"step": step, **result}})
         _write_results(results_path, {"last": {"step": step, **result}})
         best_miou = jax.device_put(jnp.float32(best), sharding.replicated(mesh))
@@ -259,27 +260,23 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                          total_steps=total_steps, steps_per_epoch=min(every, total_steps),
                          batch_size=config.batch_size, log_every=config.get("log_every_steps", 50),
                          checkpoint_every=config.get("checkpoint_every_steps", 1000),
-                         max_bad_steps=config.get("max_bad_steps", 10), manager=manager, writer=writer,
-                         epoch_end=eval_hook, desc="segment", inject_nan_steps=config.get("inject_nan_steps", ()))
+                         max_bad_steps=config.get("max_bad_steps", 10),
+                         divergence_factor=config.get("divergence_factor", 0.0), manager=manager, writer=writer,
+                         epoch_end=eval_hook, desc="segment", inject_nan_steps=config.get("inject_nan_steps", ()),
+                         profile=config.get("profile", ()))
         if total_steps % every:  # the last evaluation when the run does not end on an evaluation step
             state = eval_hook(state, 0)
     finally:
         writer.close()
     final = {"params": state.params, "batch_stats": state.model_state["batch_stats"]}
-    save_model(os.path.join(workdir, "model"), final, cfg, info={"step": int(state.step)})
-    logging.info("segmentation model written to %s", os.path.join(workdir, "model"))
+    save_model(storage.join(workdir, "model"), final, cfg, info={"step": int(state.step)})
+    logging.info("segmentation model written to %s", storage.join(workdir, "model"))
     return state
 
 
 def _write_results(path: str, update: dict) -> None:
     if jax.process_index() != 0:
         return
-    current = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            current = json.load(f)
+    current = storage.read_json(path) if storage.exists(path) else {}
     current.update(update)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(current, f, indent=2)
-    os.replace(tmp, path)
+    storage.write_json(path, current, indent=2)
