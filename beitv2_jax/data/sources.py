@@ -393,19 +393,26 @@ class Beitv2ImageFolder(_LocalBuilder, skip_registration=True):
         return {split: self._generate_examples(items) for split, items in self._splits.items()}
 
     def _generate_examples(self, items: list[tuple[str, int]]):
-        from beitv2_jax.data import transforms  # pylint: disable=g-import-not-at-top  (transforms imports PIL)
-
         for path, label in items:
             rel = os.path.relpath(path, self._src_dir)
             with open(path, 'rb') as f:
                 data = f.read()
-            if self._verify:
-                try:
-                    transforms.decode_image(data)
-                except transforms.UndecodableImageError:
-                    self.bad_images.append(rel)
-                    continue
+            if self._verify and not _decodable(data):
+                self.bad_images.append(rel)
+                continue
             yield rel, {'image': data, 'label': label, 'file_name': rel}
+
+
+def _decodable(*encoded: bytes) -> bool:
+    """Whether every encoded image decodes (prepare-time verification of folder datasets)."""
+    from beitv2_jax.data import transforms  # pylint: disable=g-import-not-at-top  (transforms imports PIL)
+
+    try:
+        for data in encoded:
+            transforms.decode_image(data)
+    except transforms.UndecodableImageError:
+        return False
+    return True
 
 
 def _folder_builder_class(name: str, base: type = Beitv2ImageFolder) -> type:
@@ -549,19 +556,13 @@ class Beitv2SegmentationFolder(_LocalBuilder, skip_registration=True):
         return {split: self._generate_examples(items) for split, items in self._splits.items()}
 
     def _generate_examples(self, items: list[tuple[str, str]]):
-        from beitv2_jax.data import transforms  # pylint: disable=g-import-not-at-top  (transforms imports PIL)
-
         for image_path, label_path in items:
             rel = os.path.relpath(image_path, self._src_dir)
             with open(image_path, 'rb') as f, open(label_path, 'rb') as g:
                 image, label = f.read(), g.read()
-            if self._verify:
-                try:
-                    transforms.decode_image(image)
-                    transforms.decode_image(label)
-                except transforms.UndecodableImageError:
-                    self.bad_images.append(rel)
-                    continue
+            if self._verify and not _decodable(image, label):
+                self.bad_images.append(rel)
+                continue
             yield rel, {'image': image, 'segmentation': label, 'file_name': rel}
 
 

@@ -47,6 +47,15 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
                            indent=2, sort_keys=True)
 
 
+def update_json(path: str, update: dict) -> None:
+    """Merge ``update`` into the JSON object at ``path`` (e.g. ``results.json``; process 0; atomic write)."""
+    if jax.process_index() != 0:
+        return
+    current = storage.read_json(path) if storage.exists(path) else {}
+    current.update(update)
+    storage.write_json(path, current, indent=2)
+
+
 def num_examples(data_config, split: str) -> int:
     return len(sources.open_source(data_config.dataset, split, data_config.data_dir))
 

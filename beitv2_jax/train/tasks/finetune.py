@@ -386,8 +386,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
             save_model(storage.join(workdir, "best_model"), state.params, cfg,
                        info={"epoch": epoch, "step": int(state.step), **result})
             best = result["top1"]
-            _write_results(results_path, {"best": {"epoch": epoch, **result}})
-        _write_results(results_path, {"last": {"epoch": epoch, **result}})
+            common.update_json(results_path, {"best": {"epoch": epoch, **result}})
+        common.update_json(results_path, {"last": {"epoch": epoch, **result}})
         best_top1 = jax.device_put(jnp.float32(max(best, result["top1"])), sharding.replicated(mesh))
         return state.replace(extra={**state.extra, "best_top1": best_top1})
 
@@ -405,11 +405,3 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     save_model(storage.join(workdir, "model"), state.params, cfg, info={"step": int(state.step)})
     logging.info("fine-tuned model written to %s", storage.join(workdir, "model"))
     return state
-
-
-def _write_results(path: str, update: dict) -> None:
-    if jax.process_index() != 0:
-        return
-    current = storage.read_json(path) if storage.exists(path) else {}
-    current.update(update)
-    storage.write_json(path, current, indent=2)

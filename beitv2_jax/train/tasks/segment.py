@@ -250,8 +250,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
             best = result["mIoU"]
             if config.get("save_best", True):
                 save_model(storage.join(workdir, "best_model"), current, cfg, info={"step": step, **result})
-            _write_results(results_path, {"best": {"step": step, **result}})
-        _write_results(results_path, {"last": {"step": step, **result}})
+            common.update_json(results_path, {"best": {"step": step, **result}})
+        common.update_json(results_path, {"last": {"step": step, **result}})
         best_miou = jax.device_put(jnp.float32(best), sharding.replicated(mesh))
         return state.replace(extra={**state.extra, "best_miou": best_miou})
 
@@ -272,11 +272,3 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     save_model(storage.join(workdir, "model"), final, cfg, info={"step": int(state.step)})
     logging.info("segmentation model written to %s", storage.join(workdir, "model"))
     return state
-
-
-def _write_results(path: str, update: dict) -> None:
-    if jax.process_index() != 0:
-        return
-    current = storage.read_json(path) if storage.exists(path) else {}
-    current.update(update)
-    storage.write_json(path, current, indent=2)
