@@ -256,18 +256,24 @@ class Beitv2Demo(_LocalBuilder, skip_registration=True):
                 yield int(index), {'image': image, 'label': int(labels[index])}
 
 
-def ensure_demo_dataset(data_dir: str | os.PathLike | None = None) -> None:
-    """Prepares ``beitv2_demo`` in ``data_dir`` unless it is there; safe across processes."""
+def _ensure_generated(builder_class: type, data_dir: str | os.PathLike | None) -> None:
+    """Prepares the generated data set ``builder_class`` in ``data_dir`` unless it is there; safe across processes
+    (a local data_dir is locked; a gs:// one gets a local build uploaded, see ``_prepare_and_upload``)."""
     data_dir = _resolve(data_dir)
-    if Beitv2Demo(data_dir=data_dir).is_prepared():  # no lock needed (works on read-only dirs)
+    if builder_class(data_dir=data_dir).is_prepared():  # no lock needed (works on read-only dirs)
         return
     if storage.is_remote(data_dir):
-        _prepare_and_upload(lambda local: Beitv2Demo(data_dir=local, file_format='array_record'), data_dir)
+        _prepare_and_upload(lambda local: builder_class(data_dir=local, file_format='array_record'), data_dir)
         return
     with _file_lock(data_dir):
-        builder = Beitv2Demo(data_dir=data_dir, file_format='array_record')
+        builder = builder_class(data_dir=data_dir, file_format='array_record')
         if not builder.is_prepared():
             _prepare(builder)
+
+
+def ensure_demo_dataset(data_dir: str | os.PathLike | None = None) -> None:
+    """Prepares ``beitv2_demo`` in ``data_dir`` unless it is there; safe across processes."""
+    _ensure_generated(Beitv2Demo, data_dir)
 
 
 class Beitv2DemoSeg(_LocalBuilder, skip_registration=True):
@@ -306,16 +312,7 @@ class Beitv2DemoSeg(_LocalBuilder, skip_registration=True):
 
 def ensure_demo_seg_dataset(data_dir: str | os.PathLike | None = None) -> None:
     """Prepares ``beitv2_demo_seg`` in ``data_dir`` unless it is there; safe across processes."""
-    data_dir = _resolve(data_dir)
-    if Beitv2DemoSeg(data_dir=data_dir).is_prepared():
-        return
-    if storage.is_remote(data_dir):
-        _prepare_and_upload(lambda local: Beitv2DemoSeg(data_dir=local, file_format='array_record'), data_dir)
-        return
-    with _file_lock(data_dir):
-        builder = Beitv2DemoSeg(data_dir=data_dir, file_format='array_record')
-        if not builder.is_prepared():
-            _prepare(builder)
+    _ensure_generated(Beitv2DemoSeg, data_dir)
 
 
 # ----------------------------------------------------------------------------------------------
