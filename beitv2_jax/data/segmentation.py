@@ -72,26 +72,14 @@ class DecodedSegmentationSource(transforms.DecodedSource):
     """``transforms.DecodedSource`` whose records also carry the label map decoded to ``uint8 [H, W]`` under
     ``segmentation`` (a record whose image or map cannot be decoded is replaced by the next good one)."""
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        size = len(self._source)
-        for offset in range(min(size, self._max_consecutive_bad + 1)):
-            position = (int(index) + offset) % size
-            record = self._source[position]
-            try:
-                image = np.asarray(transforms.decode_image(record['image']))
-                label = decode_label_map(record[label_key(record)])
-                if label.shape != image.shape[:2]:
-                    raise transforms.UndecodableImageError(
-                        f'label map {label.shape} and image {image.shape[:2]} differ in size')
-            except transforms.UndecodableImageError as e:
-                if offset == 0:
-                    from absl import logging
-                    logging.warning('skipping bad record %s: %s', transforms.record_name(record, position), e)
-                continue
-            return {'image': image, 'segmentation': label, 'bad_records': np.int32(offset > 0),
-                    **({'file_name': record['file_name']} if 'file_name' in record else {})}
-        raise transforms.BadDataError(f'{offset + 1} consecutive records from record {int(index)} cannot be '
-                                      f'decoded; the data set looks broken')
+    def decode(self, record: dict[str, Any]) -> dict[str, Any]:
+        image = np.asarray(transforms.decode_image(record['image']))
+        label = decode_label_map(record[label_key(record)])
+        if label.shape != image.shape[:2]:
+            raise transforms.UndecodableImageError(
+                f'label map {label.shape} and image {image.shape[:2]} differ in size')
+        return {'image': image, 'segmentation': label,
+                **({'file_name': record['file_name']} if 'file_name' in record else {})}
 
 
 # ----------------------------------------------------------------------------------------------- geometry

@@ -119,18 +119,22 @@ class DecodedSource:
     def __len__(self) -> int:
         return len(self._source)
 
+    def decode(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record with its encoded fields decoded; raises ``UndecodableImageError`` (subclasses decode more)."""
+        return {**record, 'image': np.asarray(decode_image(record['image']))}
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         size = len(self._source)
         for offset in range(min(size, self._max_consecutive_bad + 1)):
             position = (int(index) + offset) % size
             record = self._source[position]
             try:
-                image = np.asarray(decode_image(record['image']))
+                decoded = self.decode(record)
             except UndecodableImageError as e:
                 if offset == 0:  # each bad record is reported (and counted) when its own index is read
                     logging.warning('skipping bad image %s: %s', record_name(record, position), e)
                 continue
-            return {**record, 'image': image, 'bad_records': np.int32(offset > 0)}
+            return {**decoded, 'bad_records': np.int32(offset > 0)}
         raise BadDataError(f'{offset + 1} consecutive records from record {int(index)} on cannot be decoded as '
                            f'images; the data set looks broken')
 
