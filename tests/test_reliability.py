@@ -686,11 +686,12 @@ def test_disk_full_mid_run_keeps_a_checkpoint_and_whole_metrics_rows(setup, refe
         deadline = time.monotonic() + 240
         while max(_new_steps(metrics, 0), default=0) < 4 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        with open(filler, "wb") as f:  # fill the disk: every later write fails with ENOSPC
+        # Fill the disk: every later write fails with ENOSPC. Unbuffered, so that closing the file has nothing left
+        # to flush (a buffered close would raise ENOSPC again).
+        with open(filler, "wb", buffering=0) as f:
             try:
                 while True:
                     f.write(b"\0" * 65536)
-                    f.flush()
             except OSError as e:
                 assert e.errno == errno.ENOSPC
         code = proc.wait(timeout=240)
