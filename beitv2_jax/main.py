@@ -58,15 +58,27 @@ def _override_path(key: str, argv) -> str:
 
 def _exit_now(line: str, code: int) -> None:
     """Print ``line`` last and leave at once. After a failed save orbax's abandoned background writes go on logging
-    tracebacks, also during interpreter shutdown; logging is stopped (its handlers' locks held, so no record is
-    half-written around this line) and the process ends without the shutdown. What is kept is on disk already."""
+    tracebacks (and their threads print uncaught errors such as "Event loop is closed"), also during interpreter
+    shutdown; logging is stopped (its handlers' locks held, so no record is half-written around this line), every
+    other writer to stdout/stderr is sent to /dev/null, and the process ends without the shutdown. What is kept is on
+    disk already."""
     import logging as std_logging
 
     std_logging.disable(std_logging.CRITICAL)
     for handler in std_logging.getLogger().handlers:
         handler.acquire()
-    sys.stdout.flush()
-    print(line, file=sys.stderr, flush=True)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    # Other threads (an abandoned async save's event loop, C++ loggers) may still write to fd 2: they are pointed at
+    # /dev/null first, and the line goes to a private copy of the real stderr, so it is the last one there.
+    real_stderr = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.dup2(devnull, 1)
+    os.write(real_stderr, (line + "\n").encode())
     os._exit(code)
 
 

@@ -709,3 +709,30 @@ def test_disk_full_mid_run_keeps_a_checkpoint_and_whole_metrics_rows(setup, refe
     with open(metrics, encoding="utf-8") as f:
         assert all(json.loads(line) for line in f)  # no torn line glued to a later row
     assert_same_run(reference, workdir)
+
+
+EXIT_WITH_NOISY_THREAD = r'''
+import os, sys, threading, time
+from beitv2_jax import main
+
+def noise():  # an abandoned background writer, like orbax's event loop after a failed save or a C++ logger
+    while True:
+        sys.stderr.write("RuntimeError: Event loop is closed\n")
+        sys.stderr.flush()
+        os.write(2, b"RuntimeError: Event loop is closed\n")
+
+for _ in range(2):
+    threading.Thread(target=noise, daemon=True).start()
+time.sleep(0.2)
+main._exit_now("error: the one line", code=1)
+'''
+
+
+def test_the_error_line_is_last_even_while_other_threads_write_to_stderr():
+    """CI once saw 'RuntimeError: Event loop is closed' printed by an abandoned save thread after the error line."""
+    for _ in range(5):
+        proc = subprocess.run([sys.executable, "-c", EXIT_WITH_NOISY_THREAD], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert "Event loop is closed" in proc.stderr and lines[-1] == "error: the one line", lines[-3:]
