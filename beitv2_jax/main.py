@@ -3,10 +3,11 @@
 The config's ``task`` field picks the job (``vqkd``, ``pretrain``, ``demo``, ...); each task lives in
 ``beitv2_jax/train/tasks/<task>.py`` and exposes ``run(config, workdir)``. Bad flags (unknown override keys, a
 missing config file, values of the wrong type) and invalid configs (``validate.py``, checked before any compute) end
-the program with one line on stderr and exit code 2. SIGTERM saves a checkpoint at the next step and exits 0 (run
-the same command to resume); a run stopped by the non-finite guard or the divergence detector, an unwritable final
-checkpoint or broken data exits 1 with one line. A workdir that another run holds (``train/workdir_lock.py``), that
-cannot be written or that is a file, and a checkpoint of another config end with one line and exit code 2.
+the program with one line on stderr and exit code 2. SIGTERM and Ctrl-C save a checkpoint at the next step and
+exit 0 (run the same command to resume; Ctrl-C outside the training steps or pressed twice exits 130 at once); a
+run stopped by the non-finite guard or the divergence detector, an unwritable final checkpoint or broken data exits
+1 with one line. A workdir that another run holds (``train/workdir_lock.py``), that cannot be written or that is a
+file, and a checkpoint of another config end with one line and exit code 2.
 """
 from __future__ import annotations
 
@@ -211,6 +212,9 @@ def run_reporting_outcome(config: ml_collections.ConfigDict, workdir: str) -> No
         _die(str(e))
     except (loop.NonFiniteError, checkpoint.CheckpointError, transforms.BadDataError) as e:
         _exit_now(f"error: {' '.join(str(e).split())}", code=1)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (loading, evaluation) or pressed twice
+        _exit_now("interrupted (Ctrl-C): stopped without saving; run the same command again to resume from the "
+                  "newest checkpoint", code=130)
 
 
 if __name__ == "__main__":

@@ -112,17 +112,19 @@ def run_main(setup, config: str, workdir: str, timeout: float = 240) -> subproce
                           timeout=timeout)
 
 
-def start_and_signal(setup, config: str, workdir: str, at_step: int, sig: int, timeout: float = 240):
-    """Start a run, send ``sig`` once a metrics row of step >= ``at_step`` is written; ``(returncode, stderr)``."""
+def start_and_signal(setup, config: str, workdir: str, at_step: int, sig: int, timeout: float = 240,
+                     group: bool = False):
+    """Start a run, send ``sig`` once a metrics row of step >= ``at_step`` is written; ``(returncode, stderr)``.
+    ``group``: to the run's whole process group (its data workers too), as a terminal sends Ctrl-C."""
     metrics = os.path.join(workdir, "metrics.jsonl")
     offset = os.path.getsize(metrics) if os.path.exists(metrics) else 0
     with open(os.path.join(os.path.dirname(workdir), f"stderr_{os.path.basename(workdir)}.txt"), "w+") as err:
         proc = subprocess.Popen(main_command(config, workdir), cwd=REPO_ROOT, env=setup[1], stdout=subprocess.DEVNULL,
-                                stderr=err)
+                                stderr=err, start_new_session=group)
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
             if _new_steps(metrics, offset) and max(_new_steps(metrics, offset)) >= at_step:
-                proc.send_signal(sig)
+                os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
                 break
             time.sleep(0.02)
         proc.wait(timeout=max(deadline - time.monotonic(), 1))
@@ -225,16 +227,20 @@ def test_sigterm_saves_that_step_exits_zero_and_resumes_bit_exact(setup, referen
     assert_same_run(reference, workdir)
 
 
-def test_resume_with_another_num_workers_is_bit_exact(setup, reference):
-    """data.num_workers 0 -> 2 -> 0 across two SIGTERM stops: the losses and the final parameters of the
-    uninterrupted run (the data iterator's state is the global batch index, the same for any worker count)."""
+def test_resume_with_another_num_workers_and_ctrl_c_is_bit_exact(setup, reference):
+    """data.num_workers 0 -> 2 -> 0 across a SIGTERM stop and a Ctrl-C (SIGINT to the whole process group, as a
+    terminal sends it: the two grain workers get it too): Ctrl-C is handled like SIGTERM (that step saved, exit 0, no
+    traceback), and the losses and the final parameters are those of the uninterrupted run (the data iterator's
+    state is the global batch index, the same for any worker count)."""
     workdir = str(setup[0] / "workers")
     serial, prefetched = write_config(setup, "base"), write_config(setup, "workers2", data__num_workers=2)
     stopped = [0]
-    for config, at_step in ((serial, 3), (prefetched, 7)):
-        code, stderr = start_and_signal(setup, config, workdir, at_step, signal.SIGTERM)
+    for config, at_step, sig, reason in ((serial, 3, signal.SIGTERM, "preempted"),
+                                         (prefetched, 7, signal.SIGINT, "interrupted (Ctrl-C)")):
+        code, stderr = start_and_signal(setup, config, workdir, at_step, sig, group=sig == signal.SIGINT)
         assert code == 0, stderr[-3000:]
-        stopped.append(int(stderr.split("preempted: stopped at step ")[1].split()[0]))
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+        stopped.append(int(stderr.split(f"{reason}: stopped at step ")[1].split()[0]))
         assert stopped[-2] < stopped[-1] < TOTAL_STEPS, stopped
         data = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).restore(
             stopped[-1], args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]

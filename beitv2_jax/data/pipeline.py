@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import threading
 import time
 from typing import Any, Mapping
@@ -74,8 +75,10 @@ def _process_alive(pid: int) -> bool:
 def _exit_with_parent(training_pid: int, worker_index: int, worker_count: int) -> None:
     """grain worker start-up: a daemon thread ends this worker (within ~0.5 s) once the training process is gone;
     killed with SIGKILL, it cannot stop its workers, which would otherwise live on holding memory. Checked both ways:
-    this worker was re-parented (its parent exited) or the training process no longer exists."""
+    this worker was re-parented (its parent exited) or the training process no longer exists. Ctrl-C in a terminal
+    reaches the whole process group: workers ignore it, the training process saves a checkpoint and stops them."""
     del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
 
     def watch() -> None:

@@ -2,9 +2,9 @@
 
 Reliability contract (issue #8):
 
-* **Preemption.** SIGTERM (or, in a multi-process run with JAX's preemption service, the preemption notice
-  through ``multihost_utils.reached_preemption_sync_point`` / orbax) stops the loop at the next step boundary:
-  a checkpoint of that step is written and waited for, then ``Preempted`` is raised (``main`` exits 0).
+* **Preemption.** SIGTERM or Ctrl-C (or, in a multi-process run with JAX's preemption service, the preemption
+  notice through ``multihost_utils.reached_preemption_sync_point`` / orbax) stops the loop at the next step
+  boundary: a checkpoint of that step is written and waited for, then ``Preempted`` is raised (``main`` exits 0).
 * **Exact resume.** The checkpoint holds the whole ``TrainState`` (params, optimizer state, codebook / EMA state,
   counters, step, RNG) and the data iterator's state; every random draw is keyed by (seed, step) or (seed, record),
   so a resumed run repeats the uninterrupted one bit for bit.
@@ -52,11 +52,12 @@ DIVERGENCE_MIN_STEPS = 2  # finite step losses needed before the detector judges
 
 
 class Preempted(Exception):
-    """The run stopped on SIGTERM / a preemption notice after saving a checkpoint of ``step`` in ``directory``."""
+    """The run stopped on SIGTERM, Ctrl-C or a preemption notice after saving a checkpoint of ``step`` in
+    ``directory``; ``reason`` starts the message ("preempted", "interrupted (Ctrl-C)")."""
 
-    def __init__(self, step: int, directory: Optional[str]):
+    def __init__(self, step: int, directory: Optional[str], reason: str = "preempted"):
         saved = f"after saving its checkpoint in {directory}" if directory else "(no checkpoint manager: nothing saved)"
-        super().__init__(f"preempted: stopped at step {step} {saved}; run the same command again to resume")
+        super().__init__(f"{reason}: stopped at step {step} {saved}; run the same command again to resume")
         self.step = step
 
 
@@ -83,25 +84,36 @@ def poison_batch(batch: dict) -> dict:
 
 
 class StopRequest:
-    """SIGTERM → stop at the next step boundary, at the same step on every process.
+    """SIGTERM or Ctrl-C (SIGINT) → stop at the next step boundary, at the same step on every process.
 
     With JAX's preemption service (``jax.distributed`` initialised), JAX's own SIGTERM notifier marks a common sync
-    step that ``manager.reached_preemption`` (orbax → ``multihost_utils.reached_preemption_sync_point``) reports.
-    Otherwise a Python SIGTERM handler sets a flag (OR-ed over processes when there are several).
+    step that ``manager.reached_preemption`` (orbax → ``multihost_utils.reached_preemption_sync_point``) reports
+    (SIGINT keeps Python's default there). Otherwise Python handlers for SIGTERM and SIGINT set a flag (OR-ed over
+    processes when there are several); a second Ctrl-C raises ``KeyboardInterrupt`` at once (nothing saved).
     """
+
+    SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
     def __init__(self, manager=None):
         self._manager = manager
         self.received = False
+        self.reason = "preempted"
         self._sync_point = jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
-        self._previous = None
+        self._previous = {}
         if not self._sync_point and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        del signum, frame
+    def _on_signal(self, signum, frame) -> None:
+        del frame
+        if signum == signal.SIGINT and self.received:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
         self.received = True
-        logging.warning("SIGTERM received: a checkpoint is saved at the next step boundary, then the run stops")
+        if signum == signal.SIGINT:
+            self.reason = "interrupted (Ctrl-C)"
+        logging.warning("%s received: a checkpoint is saved at the next step boundary, then the run stops%s",
+                        self.SIGNALS[signum], " (Ctrl-C again: stop at once, nothing saved)"
+                        if signum == signal.SIGINT else "")
 
     def at(self, step: int) -> bool:
         """Whether to stop after ``step``; every process must call this at every step."""
@@ -114,9 +126,9 @@ class StopRequest:
         return self.received
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 class NonFiniteGuard:
@@ -227,7 +239,7 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
 
     Metrics are averaged over each logging window and written with the cumulative ``bad_records`` and
     ``nonfinite_steps``. ``epoch_end(state, epoch)`` may return an updated state and writes its own metrics.
-    Saves every ``checkpoint_every`` steps, at the end and on SIGTERM (then raises ``Preempted``); raises
+    Saves every ``checkpoint_every`` steps, at the end and on SIGTERM / Ctrl-C (then raises ``Preempted``); raises
     ``NonFiniteError`` after ``max_bad_steps`` consecutive non-finite steps and ``DivergenceError`` when a step loss
     exceeds ``divergence_factor`` × the running median (0 disables). The batches of the steps in
     ``inject_nan_steps`` (1-based, as logged) are poisoned with NaN to exercise the guard. ``profile`` =
@@ -276,7 +288,7 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
                 with log.timed("other"):
                     ckpt_lib.save(manager, done, state, data, required=required)
             if stopping:
-                raise Preempted(done, str(manager.directory) if manager is not None else None)
+                raise Preempted(done, str(manager.directory) if manager is not None else None, stop.reason)
         guard.flush()
         guard.check()
     finally:
