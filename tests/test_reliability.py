@@ -192,6 +192,8 @@ def reference(setup):
     workdir = str(setup[0] / "reference")
     result = run_main(setup, write_config(setup, "base"), workdir)
     assert result.returncode == 0, result.stderr[-3000:]
+    for name, text in (("stdout", result.stdout), ("stderr", result.stderr)):  # read by the log-file test
+        (setup[0] / f"reference_{name}.txt").write_text(text)
     return workdir
 
 
@@ -225,6 +227,26 @@ def test_sigterm_saves_that_step_exits_zero_and_resumes_bit_exact(setup, referen
     result = run_main(setup, config, workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(reference, workdir)
+
+
+def test_log_file_has_one_plain_line_per_window_and_namespaced_tensorboard_tags(setup, reference):
+    """stdout and stderr are files here (as in a SLURM job): no tqdm redraws (no carriage return), one plain line
+    per logging window (every step here) with the row's metrics; every TensorBoard tag in train/, data/, text/."""
+    from beitv2_jax.train import metrics
+
+    stdout, stderr = ((setup[0] / f"reference_{name}.txt").read_text() for name in ("stdout", "stderr"))
+    assert "\r" not in stdout + stderr
+    lines = [line for line in stdout.splitlines() if " pretrain step " in line]
+    assert [line.split(" step ")[1].split()[0] for line in lines] == [f"{s}/{TOTAL_STEPS}" for s in
+                                                                      range(1, TOTAL_STEPS + 1)]
+    rows = metric_rows(reference)
+    for step, line in enumerate(lines, 1):
+        fields = dict(kv.split("=") for kv in line.split()[4:])
+        assert float(fields["loss"]) == pytest.approx(rows[step][0]["loss"], rel=1e-3)
+        assert {"lr", "mlm_acc_1", "img_per_sec", "data_wait_s", "step_s", "bad_records"} <= set(fields)
+    tags = {tag for _, tag, _, _ in metrics.read_events(os.path.join(reference, "tensorboard"))}
+    assert {"train/loss", "train/mlm_acc_1", "data/wait_s", "data/bad_records", "text/config/text_summary"} <= tags
+    assert all(tag.split("/")[0] in ("train", "data", "text", "_hparams_") for tag in tags), sorted(tags)
 
 
 def test_resume_with_another_num_workers_and_ctrl_c_is_bit_exact(setup, reference):

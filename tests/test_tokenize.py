@@ -119,10 +119,10 @@ def test_tokenize_cli_matches_get_codebook_indices(tokenizer_dir, image_files, e
 
     for i, path in enumerate(files):
         png = out_dir / f"{i:03d}_{os.path.splitext(os.path.basename(path))[0]}.png"
-        with Image.open(png) as im:
-            assert im.size == (2 * 96 + 8, 96 + 8)  # crop | token map
+        with Image.open(png) as im:  # crop | labelled token map: 2 × 3 in + 0.4 in wide, 3.45 in + 0.45 in per row
+            assert im.size == (640, 390)
     with Image.open(out_dir / "token_maps.png") as im:
-        assert im.size == (2 * 96 + 8, 5 * (96 + 8))
+        assert im.size == (640, 5 * 345 + 45)
 
 
 def test_tokenize_cli_errors(tokenizer_dir, image_files, tmp_path):

@@ -235,5 +235,14 @@ def test_demo_chains_ibot_vqkd_pretrain_and_evaluation(demo_data_dir, tmp_path, 
         assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_top1"] <= 100
     summary = capsys.readouterr().out
     assert "iBOT teacher, cls" in summary and "iBOT: loss" in summary
+    from beitv2_jax.train import metrics  # the evaluation and the PNGs reach TensorBoard; every tag in a namespace
+
+    tags = {tag for _, tag, _, _ in metrics.read_events(str(tmp_path / "tensorboard"))}
+    assert {"eval/beit_v2_encoder_cls/linear_top1", "images/token_maps", "images/codebook_usage",
+            "text/summary/text_summary", "text/evaluation/text_summary", "text/config/text_summary"} <= tags
+    for stage in ("ibot", "vqkd", "pretrain"):
+        tags |= {tag for _, tag, _, _ in metrics.read_events(str(tmp_path / stage / "tensorboard"))}
+    assert {"train/loss", "data/wait_s", "eval/perplexity", "images/codebook_usage"} <= tags
+    assert all(tag.split("/")[0] in ("train", "eval", "data", "images", "text", "_hparams_") for tag in tags)
     again = demo.run(c, str(tmp_path))  # finished stages are skipped
     assert again["stage_seconds"]["ibot"] < 1.0 and again["stage_seconds"]["pretrain"] < 1.0

@@ -169,6 +169,10 @@ class BatchStream:
     def __iter__(self) -> BatchIterator:
         return BatchIterator(self)
 
+    def __len__(self) -> int:
+        """This process's number of batches (``sys.maxsize`` for an endless stream)."""
+        return len(self._batches)
+
     def open(self, start: int) -> grain.DatasetIterator:
         """A grain iterator from batch ``start`` on: the map dataset is sliced before ``to_iter_dataset``
         (O(1): nothing before ``start`` is read), then prefetched by ``num_workers`` processes if > 0."""
@@ -200,6 +204,10 @@ class BatchIterator:
         batch = next(self._grain_iterator)
         self._next_batch += 1
         return batch
+
+    def __len__(self) -> int:
+        """The batches left (of a finite stream, e.g. one evaluation pass; ``sys.maxsize`` when endless)."""
+        return max(len(self._stream) - self._next_batch, 0)
 
     def get_state(self) -> dict[str, int]:
         return {NEXT_BATCH: self._next_batch}

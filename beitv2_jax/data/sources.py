@@ -37,7 +37,7 @@ import numpy as np
 from absl import logging
 import tensorflow_datasets as tfds
 
-from beitv2_jax import storage
+from beitv2_jax import progress, storage
 
 DEMO_NAME = 'beitv2_demo'
 DEMO_SEG_NAME = 'beitv2_demo_seg'
@@ -81,7 +81,10 @@ def _file_lock(directory: str) -> Iterator[None]:
 
 
 def _prepare(builder: tfds.core.DatasetBuilder) -> None:
-    """``download_and_prepare`` without network access and without a leftover downloads folder."""
+    """``download_and_prepare`` without network access and without a leftover downloads folder (tfds's progress
+    bars only on a terminal: in a log file they are carriage-return soup)."""
+    if not progress.interactive():
+        tfds.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix='tfds_downloads_') as download_dir:
         builder.download_and_prepare(
             download_dir=download_dir,

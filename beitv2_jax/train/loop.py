@@ -31,9 +31,8 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
-from beitv2_jax import runtime
+from beitv2_jax import progress, runtime
 from beitv2_jax.train import checkpoint as ckpt_lib
 from beitv2_jax.train import sharding
 from beitv2_jax.train.metrics import MetricsWriter
@@ -302,8 +301,19 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
     return state
 
 
+def window_line(desc: str, step: int, total_steps: int, row: dict) -> str:
+    """The plain log line of one logging window: ``HH:MM:SS desc step n/total loss=… lr=… key=value ...`` (the
+    metrics row: ``loss`` and ``lr`` first, then its order; whole numbers without decimals)."""
+    keys = [k for k in ("loss", "lr") if k in row] + [k for k in row if k not in ("loss", "lr")]
+    values = " ".join(f"{k}={int(row[k])}" if float(row[k]).is_integer() and abs(row[k]) < 1e15
+                      else f"{k}={row[k]:.4g}" for k in keys)
+    return f"{progress.stamp()} {desc} step {step}/{total_steps} {values}"
+
+
 class _MetricsLog:
-    """Window means of the step metrics → ``writer``, with throughput, the step-time breakdown and a tqdm bar.
+    """Window means of the step metrics → ``writer``, with throughput, the step-time breakdown and progress: a tqdm
+    bar when stderr is a terminal, one plain line per window (:func:`window_line`, stdout) when stdout or stderr is
+    not (``progress``).
 
     The loop runs one step ahead of the device (``NonFiniteGuard`` waits for step n−1 after dispatching step n) and
     each row is written after fetching the window's metrics, so a window's wall time covers its steps' device work.
@@ -326,8 +336,9 @@ class _MetricsLog:
         self._tick, self._tick_step = time.perf_counter(), start
         self._spent = {"data": 0.0, "compile": 0.0, "other": 0.0}
         self._compile_s: Optional[float] = None
-        self._pbar = tqdm(total=total_steps, initial=start, desc=desc, disable=jax.process_index() != 0,
-                          dynamic_ncols=True, mininterval=1.0)
+        self._desc, self._total = desc, total_steps
+        self._pbar = progress.bar(total_steps, desc, unit="step", initial=start, plain=False)
+        self._plain = progress.plain_lines()  # one line per window instead of the bar's redraws
 
     @contextlib.contextmanager
     def timed(self, kind: Optional[str]):
@@ -359,6 +370,8 @@ class _MetricsLog:
             mean["compile_s"], self._compile_s = self._compile_s, None
         self._writer.write_scalars(step, mean)
         self._pbar.set_postfix({k: f"{mean[k]:.4g}" for k in ("loss", "img_per_sec") if k in mean})
+        if self._plain:
+            print(window_line(self._desc, step, self._total, mean), flush=True)
         self._window, self._tick, self._tick_step = [], now, step
         self._spent = dict.fromkeys(self._spent, 0.0)
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from beitv2_jax import storage
+from beitv2_jax import progress, storage
 from beitv2_jax.data import sources
 from beitv2_jax.train import sharding
 
@@ -70,11 +70,12 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
     return n // config.batch_size
 
 
-def eval_pass(fn: Callable, iterator: Iterator[dict], mesh) -> list:
+def eval_pass(fn: Callable, iterator: Iterator[dict], mesh, desc: str = "eval") -> list:
     """Apply jitted ``fn(batch) -> pytree of [batch, ...]`` to every batch of a padded evaluation pass
-    (``pipeline.make_eval_iterator``); returns host arrays without the padding rows, one entry per batch."""
+    (``pipeline.make_eval_iterator``) with progress named ``desc``; returns host arrays without the padding rows,
+    one entry per batch."""
     outputs = []
-    for batch in iterator:
+    for batch in progress.track(iterator, desc, unit="batch"):
         valid = np.asarray(batch.pop("valid"))
         out = fn(sharding.to_global_batch(batch, mesh))
         if jax.process_count() > 1:  # every process gets the whole global batch
@@ -87,37 +88,102 @@ def eval_pass(fn: Callable, iterator: Iterator[dict], mesh) -> list:
     return outputs
 
 
-def usage_histogram_png(counts: np.ndarray, path: str, title: str = "code usage") -> np.ndarray:
-    """Bar chart of per-code counts sorted in decreasing order → PNG at ``path``; returns the image array."""
+def code_perplexity(counts: np.ndarray) -> float:
+    """exp(entropy) of the code distribution given by per-code counts: the number of equally used codes with the
+    same entropy (1 … number of codes)."""
+    counts = np.asarray(counts, np.float64)
+    p = counts[counts > 0] / max(counts.sum(), 1.0)
+    return float(np.exp(-(p * np.log(p)).sum())) if p.size else 0.0
+
+
+def _figure(width_in: float, height_in: float):
+    """A matplotlib ``Figure`` on the Agg canvas (no pyplot state, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_to_png(fig, path: str) -> np.ndarray:
+    """Render ``fig`` → PNG at ``path`` (local or URI); returns the image, uint8 ``[H, W, 3]``."""
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    storage.save_image(Image.fromarray(image), path)
+    return image
+
+
+def usage_histogram_figure(counts: np.ndarray, title: str = "code usage"):
+    """Per-code counts sorted in decreasing order on a log axis; the title gives used / total codes and the
+    perplexity (:func:`code_perplexity`). Returns the matplotlib ``Figure``."""
     counts = np.sort(np.asarray(counts, np.float64))[::-1]
-    width, height, margin = 640, 240, 20
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    top = counts.max() if counts.size and counts.max() > 0 else 1.0
-    k = len(counts)
-    for i, c in enumerate(counts):
-        x = margin + int(i * (width - 2 * margin) / max(k, 1))
-        y = height - margin - int((height - 2 * margin - 12) * c / top)
-        draw.line([(x, height - margin), (x, y)], fill=(40, 90, 200))
-    used = int((counts > 0).sum())
-    draw.text((margin, 2), f"{title}: {used}/{k} codes used ({100.0 * used / max(k, 1):.1f}%)", fill="black")
-    storage.save_image(image, path)
-    return np.asarray(image)
+    k, used = len(counts), int((counts > 0).sum())
+    fig = _figure(8.0, 3.6)
+    ax = fig.add_subplot()
+    ranks = np.arange(1, k + 1)
+    if used:
+        ax.fill_between(ranks[:used], counts[:used], step="post", color="#2a5bd7", alpha=0.35, linewidth=0)
+        ax.step(ranks[:used], counts[:used], where="post", color="#2a5bd7", linewidth=1.2)
+        ax.set_yscale("log")
+        ax.set_ylim(0.8, counts[0] * 1.5)
+    else:
+        ax.set_yscale("log")
+        ax.set_ylim(0.8, 10)
+    if used < k:
+        ax.axvspan(used + 0.5, k + 0.5, color="#d0d0d0", alpha=0.6, linewidth=0,
+                   label=f"{k - used} unused codes (count 0)")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlim(0.5, k + 0.5)
+    ax.set_xlabel("code rank (codes sorted by count, most used first)")
+    ax.set_ylabel("count (log scale)")
+    ax.set_title(f"{title}: {used}/{k} codes used ({100.0 * used / max(k, 1):.1f}%), "
+                 f"perplexity {code_perplexity(counts):.1f}, {int(counts.sum())} tokens", fontsize=10)
+    ax.grid(True, which="major", axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def usage_histogram_png(counts: np.ndarray, path: str, title: str = "code usage") -> np.ndarray:
+    """:func:`usage_histogram_figure` → PNG at ``path``; returns the image array (uint8 ``[H, W, 3]``)."""
+    return figure_to_png(usage_histogram_figure(counts, title), path)
+
+
+def token_map_figure(images: np.ndarray, tokens: np.ndarray, num_codes: int):
+    """Each image (``[n, H, W, 3]`` in [0, 1]) next to its token map (``[n, h, w]`` code ids): one colour per code,
+    the id written in each patch, titles with the grid and the number of distinct codes. Returns the ``Figure``."""
+    n, grid_h, grid_w = tokens.shape
+    palette = np.random.default_rng(0).integers(30, 256, size=(num_codes, 3)).astype(np.uint8)
+    panel = max(3.0, 0.3 * max(grid_h, grid_w))  # inches per panel: ids stay legible on larger grids
+    fig = _figure(2 * panel + 0.4, n * (panel + 0.45) + 0.45)
+    axes = fig.subplots(n, 2, squeeze=False)
+    digits = len(str(max(num_codes - 1, 1)))
+    cell_pt = panel * 72 / max(grid_h, grid_w)
+    fontsize = min(9.0, cell_pt / (0.62 * digits + 0.4))
+    for i in range(n):
+        left, right = axes[i]
+        left.imshow(np.clip(images[i], 0, 1), interpolation="nearest")
+        left.set_title(f"image {i}", fontsize=9)
+        colours = palette[tokens[i]]
+        right.imshow(colours, interpolation="nearest")
+        right.set_title(f"token ids ({grid_h}x{grid_w} patches, {len(np.unique(tokens[i]))} distinct codes)",
+                        fontsize=9)
+        if fontsize >= 3.0:  # ids are written when they fit their patch
+            light = colours.astype(np.float32) @ np.array([0.299, 0.587, 0.114]) > 140
+            for (y, x), code in np.ndenumerate(tokens[i]):
+                right.text(x, y, str(int(code)), ha="center", va="center", fontsize=fontsize,
+                           color="black" if light[y, x] else "white")
+        for ax in (left, right):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"VQ-KD token maps (codebook of {num_codes} codes; colour = code id)", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def token_map_png(images: np.ndarray, tokens: np.ndarray, path: str, num_codes: int) -> np.ndarray:
-    """Each image (``[n, H, W, 3]`` in [0, 1]) next to its token map (``[n, h, w]`` ids, one colour per code)."""
-    n, hgt, wid, _ = images.shape
-    palette = np.random.default_rng(0).integers(30, 256, size=(num_codes, 3)).astype(np.uint8)
-    cell = max(hgt, 96)
-    canvas = Image.new("RGB", (2 * cell + 8, n * (cell + 8)), "white")
-    for i in range(n):
-        img = Image.fromarray((np.clip(images[i], 0, 1) * 255).astype(np.uint8)).resize((cell, cell), Image.NEAREST)
-        tok = Image.fromarray(palette[tokens[i]]).resize((cell, cell), Image.NEAREST)
-        canvas.paste(img, (0, i * (cell + 8)))
-        canvas.paste(tok, (cell + 8, i * (cell + 8)))
-    storage.save_image(canvas, path)
-    return np.asarray(canvas)
+    """:func:`token_map_figure` → PNG at ``path``; returns the image array (uint8 ``[H, W, 3]``)."""
+    return figure_to_png(token_map_figure(images, tokens, num_codes), path)
 
 
 def log_header(name: str, config: ml_collections.ConfigDict, workdir: str) -> None:

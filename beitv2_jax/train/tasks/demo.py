@@ -9,10 +9,12 @@
    (``segment/pretrained``) and from its random-init twin (``segment/random_init``), mIoU of both.
 
 A finished stage (its exported model exists) is skipped, an interrupted one resumes from its checkpoint, so
-re-running the command continues the demo. Ends with a summary table (also ``summary.json``) and PNGs.
+re-running the command continues the demo. Ends with a summary table (also ``summary.json``), PNGs, and the
+evaluation in ``<workdir>/tensorboard`` (:func:`write_tensorboard`).
 """
 from __future__ import annotations
 
+import re
 import time
 
 import flax
@@ -87,11 +89,12 @@ def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_d
 
     def knn_of(name, feature_fn):
         """k-NN and a linear probe on the same cached features (train split → test split)."""
-        tr = knn.extract_features(feature_fn, data, data.train_split, batch, mesh)
-        te = knn.extract_features(feature_fn, data, data.eval_split, batch, mesh)
+        tr = knn.extract_features(feature_fn, data, data.train_split, batch, mesh, desc=f"{name}: train features")
+        te = knn.extract_features(feature_fn, data, data.eval_split, batch, mesh, desc=f"{name}: test features")
         num_classes = int(max(tr[1].max(), te[1].max())) + 1
         results[name] = knn.knn_accuracy(*tr, *te, num_classes, config.eval.knn_k, config.eval.knn_temperature)
-        probe_result = linear_probe.train_on_features(*tr, *te, num_classes, probe_settings)
+        probe_result = linear_probe.train_on_features(*tr, *te, num_classes, probe_settings,
+                                                      desc=f"{name}: linear probe")
         results[name].update(linear_top1=probe_result["top1"], linear_top5=probe_result["top5"])
 
     teacher = finetune.load_pretrained(teacher_dir)
@@ -120,7 +123,7 @@ def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_d
     iterator = pipeline.make_eval_iterator(data, batch, normalize_image=False)
     index_fn = jax.jit(lambda b: {"ids": tokenizer.apply(tok_vars, b["image"], method="get_codebook_indices"),
                                   "image": b["image"]})
-    outs = common.eval_pass(index_fn, iterator, mesh)
+    outs = common.eval_pass(index_fn, iterator, mesh, "tokenizer: test-split codes")
     ids = np.concatenate([o["ids"] for o in outs])
     counts = np.bincount(ids.reshape(-1), minlength=tokenizer.num_codes)
     common.usage_histogram_png(counts, storage.join(workdir, "codebook_usage.png"), "test-split code usage")
@@ -192,21 +195,23 @@ def print_summary(results: dict, stage_times: dict, workdir: str) -> str:
         lines.append(f"  {name:<48} {r['knn_top1']:7.2f} {r['knn_top5']:7.2f} "
                      f"{r.get('linear_top1', float('nan')):9.2f}")
     pairs = [("iBOT teacher, cls", evals.get("iBOT teacher (cls)"), evals.get("iBOT ViT, random init (cls)"))]
-    pairs += [(f"BEiT v2 encoder, {pool}" + (" (paper: cls with patch aggregation)" if pool == "cls" else ""),
+    pairs += [(f"BEiT v2 encoder, {pool}" + (" (paper: patch aggregation)" if pool == "cls" else ""),
                evals.get(f"BEiT v2 encoder ({pool})"), evals.get(f"same encoder, random init ({pool})"))
               for pool in ("cls", "mean")]
     pairs = [(label, pre, rnd) for label, pre, rnd in pairs if pre and rnd]
-    if pairs:
-        lines.append(f"  {'trained vs random init (same architecture)':<48} {'linear@1':>17} {'k-NN@1':>17}")
+    if pairs:  # 7-wide columns as in the table above; per metric the trained encoder, then its random-init twin
+        lines.append(f"  {'trained vs random init (same architecture)':<48} {'linear@1':^15}  {'k-NN@1':^15}".rstrip())
+        lines.append(f"  {'':<48} {'trained':>7} {'random':>7}  {'trained':>7} {'random':>7}")
         for label, pre, rnd in pairs:
-            lines.append(f"  {label:<48} {pre.get('linear_top1', nan):7.2f} vs {rnd.get('linear_top1', nan):6.2f} "
-                         f"{pre['knn_top1']:7.2f} vs {rnd['knn_top1']:6.2f}")
+            lines.append(f"  {label:<48} {pre.get('linear_top1', nan):7.2f} {rnd.get('linear_top1', nan):7.2f}  "
+                         f"{pre['knn_top1']:7.2f} {rnd['knn_top1']:7.2f}")
     sg = results.get("segment", {})
     if sg.get("pretrained") and sg.get("random_init"):
-        pre, rnd = sg["pretrained"], sg["random_init"]
-        lines.append(f"  segmentation ({pre['num_images']} test images of the masks, 11 classes), pretrained vs random "
-                     f"init: mIoU {pre['mIoU']:.2f} vs {rnd['mIoU']:.2f}, mAcc {pre['mAcc']:.2f} vs "
-                     f"{rnd['mAcc']:.2f}, aAcc {pre['aAcc']:.2f} vs {rnd['aAcc']:.2f}")
+        header = f"segmentation ({sg['pretrained']['num_images']} test images, 11 classes)"
+        lines.append(f"  {header:<48} {'mIoU':>7} {'mAcc':>7} {'aAcc':>7}")
+        for label, run in (("from the BEiT v2 encoder", "pretrained"),
+                           ("same architecture, random init", "random_init")):
+            lines.append(f"  {label:<48} " + " ".join(f"{sg[run][k]:7.2f}" for k in ("mIoU", "mAcc", "aAcc")))
     t = results.get("tokenizer", {})
     if t:
         lines.append(f"  tokenizer test-split code usage: {t['test_codebook_usage']:.1f}% of {t['num_codes']} codes")
@@ -215,6 +220,59 @@ def print_summary(results: dict, stage_times: dict, workdir: str) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def tag_name(name: str) -> str:
+    """A results name as one TensorBoard tag component: 'BEiT v2 encoder (cls)' → 'beit_v2_encoder_cls'."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def evaluation_scalars(results: dict) -> dict:
+    """``eval/<encoder (feature)>/<metric>`` for every k-NN / linear-probe row, ``eval/segment_<run>/<metric>``
+    and ``eval/tokenizer/test_codebook_usage`` (%)."""
+    scalars = {f"eval/{tag_name(name)}/{k}": float(row[k]) for name, row in results.get("knn", {}).items()
+               for k in ("knn_top1", "knn_top5", "linear_top1", "linear_top5") if k in row}
+    scalars.update({f"eval/segment_{run}/{k}": float(row[k]) for run, row in results.get("segment", {}).items()
+                    for k in ("mIoU", "mAcc", "aAcc") if k in row})
+    if "test_codebook_usage" in results.get("tokenizer", {}):
+        scalars["eval/tokenizer/test_codebook_usage"] = float(results["tokenizer"]["test_codebook_usage"])
+    return scalars
+
+
+def evaluation_markdown(results: dict) -> str:
+    """The evaluation as Markdown tables (TensorBoard's text tab): k-NN / linear probe per encoder and feature,
+    then segmentation."""
+    nan = float("nan")
+    lines = ["| encoder (feature), test split | k-NN@1 | k-NN@5 | linear@1 | linear@5 |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['knn_top1']:.2f} | {r['knn_top5']:.2f} | {r.get('linear_top1', nan):.2f} | "
+              f"{r.get('linear_top5', nan):.2f} |" for name, r in results.get("knn", {}).items()]
+    if results.get("segment"):
+        lines += ["", "| segmentation | mIoU | mAcc | aAcc |", "|---|---|---|---|"]
+        lines += [f"| {run} | {r['mIoU']:.2f} | {r['mAcc']:.2f} | {r['aAcc']:.2f} |"
+                  for run, r in results["segment"].items()]
+    return "\n".join(lines)
+
+
+def write_tensorboard(workdir: str, results: dict, summary: str) -> None:
+    """The demo's evaluation into ``<workdir>/tensorboard`` at the BEiT v2 stage's last step:
+    :func:`evaluation_scalars`, ``text/evaluation`` (:func:`evaluation_markdown`), ``text/summary`` (the printed
+    summary) and ``images/token_maps``, ``images/codebook_usage`` (the PNGs); the config comes with the first record
+    (``metrics.MetricsWriter``)."""
+    from PIL import Image
+
+    step = int(results.get("pretrain", {}).get("step", 0))
+    writer = metrics_lib.MetricsWriter(workdir)
+    try:
+        writer.write_scalars(step, evaluation_scalars(results))
+        writer.write_text(step, "evaluation", evaluation_markdown(results))
+        writer.write_text(step, "summary", metrics_lib.preformatted(summary))
+        for name in ("token_maps", "codebook_usage"):
+            path = storage.join(workdir, f"{name}.png")
+            if storage.exists(path):
+                with storage.open(path, "rb") as f:
+                    writer.write_image(step, name, np.asarray(Image.open(f).convert("RGB")))
+    finally:
+        writer.close()
 
 
 def _first_and_last(workdir: str, key: str) -> dict:
@@ -265,6 +323,6 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     results["stage_seconds"] = times
     if jax.process_index() == 0:
         storage.write_json(storage.join(workdir, "summary.json"), results, indent=2)
-        print_summary(results, times, workdir)
+        write_tensorboard(workdir, results, print_summary(results, times, workdir))
     logging.info("demo finished")
     return results

@@ -37,8 +37,10 @@ def l2n(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def extract_features(feature_fn: Callable, data_config, split: str, batch_size: int, mesh, params=None):
-    """``(features [n, D] float32, labels [n])`` of a whole split through the eval transform.
+def extract_features(feature_fn: Callable, data_config, split: str, batch_size: int, mesh, params=None,
+                     desc: str = ""):
+    """``(features [n, D] float32, labels [n])`` of a whole split through the eval transform (progress named
+    ``desc``, default "features (<split>)").
 
     ``feature_fn(images)``, or ``feature_fn(params, images)`` when ``params`` is given (passed to the jitted
     function as an argument, so large encoders are not baked into the program as constants).
@@ -48,7 +50,7 @@ def extract_features(feature_fn: Callable, data_config, split: str, batch_size: 
     else:
         fn = jax.jit(lambda p, b: {"f": feature_fn(p, b["image"]), "y": b["label"]})
     iterator = pipeline.make_eval_iterator(data_config, batch_size, split=split)
-    outs = common.eval_pass(lambda b: fn(params, b), iterator, mesh)
+    outs = common.eval_pass(lambda b: fn(params, b), iterator, mesh, desc or f"features ({split})")
     return np.concatenate([o["f"] for o in outs]).astype(np.float32), np.concatenate([o["y"] for o in outs])
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from beitv2_jax import storage
+from beitv2_jax import progress, storage
 from beitv2_jax.data import augment, pipeline, sources, transforms
 from beitv2_jax.models import relpos, vit
 from beitv2_jax.train import checkpoint as ckpt_lib
@@ -205,10 +205,10 @@ _hits = jax.jit(heads_hits)
 
 def train_on_features(train_features: np.ndarray, train_labels: np.ndarray, eval_features: np.ndarray,
                       eval_labels: np.ndarray, num_classes: int, settings: ProbeSettings,
-                      on_epoch: Optional[Callable[[int, dict], None]] = None) -> dict:
+                      on_epoch: Optional[Callable[[int, dict], None]] = None, desc: str = "linear heads") -> dict:
     """Train linear heads on cached features ``[n, F]`` or ``[n, L, F]`` on device (one ``lax.scan`` per epoch
-    over shuffled mini-batches; the last partial batch is dropped) and evaluate after every epoch.
-    Returns the last epoch's :func:`summarize` plus ``best_epoch``/``best_top1`` over epochs."""
+    over shuffled mini-batches; the last partial batch is dropped) and evaluate after every epoch (progress named
+    ``desc``). Returns the last epoch's :func:`summarize` plus ``best_epoch``/``best_top1`` over epochs."""
     train_f = as_layers(np.asarray(train_features, np.float32))
     eval_f = as_layers(np.asarray(eval_features, np.float32))
     if settings.standardize:
@@ -226,7 +226,7 @@ def train_on_features(train_features: np.ndarray, train_labels: np.ndarray, eval
     shuffle_key = jax.random.fold_in(key, 1)
     best = {"best_top1": -1.0, "best_epoch": 0}
     result = {}
-    for epoch in range(settings.epochs):
+    for epoch in progress.track(range(settings.epochs), desc, unit="epoch"):
         heads, opt_state, loss = run_epoch(heads, opt_state, train_f, train_y, shuffle_key, epoch)
         hits = [jax.device_get(_hits(heads, eval_f[i:i + 4096], eval_y[i:i + 4096]))
                 for i in range(0, len(eval_y), 4096)]

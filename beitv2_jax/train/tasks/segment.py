@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from beitv2_jax import storage
+from beitv2_jax import progress, storage
 from beitv2_jax.data import pipeline, segmentation as seg_data, sources, transforms
 from beitv2_jax.models import segmentation as seg_model
 from beitv2_jax.train import checkpoint as ckpt_lib
@@ -176,7 +176,10 @@ def evaluate(forward, variables: dict, config: ml_collections.ConfigDict, mesh) 
         lambda images: forward(variables["params"], variables["batch_stats"], images), config.model.num_classes,
         mode=e.mode, crop=(crop, crop), stride=(e.stride, e.stride), batch_size=batch, ignore_index=s.ignore_index,
         put=put)
-    return evaluator.run(seg_data.eval_records(source, transform, e.get("num_images") or None))
+    num_images = min(e.get("num_images") or len(source), len(source))
+    records = progress.track(seg_data.eval_records(source, transform, num_images), "segmentation eval",
+                             total=num_images, unit="img")
+    return evaluator.run(records)
 
 
 def _put_fn(mesh, batch: int):

@@ -87,7 +87,7 @@ def evaluate(model, variables, teacher, teacher_params, config, mesh):
 
     batch = config.get("eval_batch_size") or config.batch_size
     iterator = pipeline.make_eval_iterator(config.data, batch, normalize_image=False)
-    outs = common.eval_pass(eval_fn, iterator, mesh)
+    outs = common.eval_pass(eval_fn, iterator, mesh, "vqkd eval")
     rec = np.concatenate([o["rec_loss"] for o in outs])
     indices = np.concatenate([o["indices"] for o in outs]).reshape(-1)
     return float(rec.mean()), np.bincount(indices, minlength=model.num_codes)
@@ -136,7 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                                         teacher_params, config, mesh)
             scalars.update({"eval/rec_loss": rec, "eval/codebook_usage": float((eval_counts > 0).mean()),
                             "eval/unused_codes": float((eval_counts == 0).sum()),
-                            "eval/perplexity": float(np.exp(_entropy(eval_counts)))})
+                            "eval/perplexity": common.code_perplexity(eval_counts)})
             if jax.process_index() == 0:
                 img = common.usage_histogram_png(eval_counts, storage.join(workdir, "codebook_usage.png"),
                                                  f"eval code usage, epoch {epoch}")
@@ -183,8 +183,3 @@ def load_tokenizer(directory: str, dtype: str | None = None):
 def _with_teacher(step_fn, teacher_params, state, batch):
     return step_fn(state, batch, teacher_params)
 
-
-def _entropy(counts: np.ndarray) -> float:
-    p = counts / max(counts.sum(), 1)
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
