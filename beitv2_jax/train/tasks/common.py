@@ -97,11 +97,11 @@ def code_perplexity(counts: np.ndarray) -> float:
 
 
 def _figure(width_in: float, height_in: float):
-    """A matplotlib ``Figure`` on the Agg canvas (no pyplot state, no display needed)."""
+    """A matplotlib ``Figure`` on the Agg canvas (no pyplot state, no display needed), constrained layout."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width_in, height_in), dpi=100)
+    fig = Figure(figsize=(width_in, height_in), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -140,7 +140,6 @@ def usage_histogram_figure(counts: np.ndarray, title: str = "code usage"):
     ax.set_title(f"{title}: {used}/{k} codes used ({100.0 * used / max(k, 1):.1f}%), "
                  f"perplexity {code_perplexity(counts):.1f}, {int(counts.sum())} tokens", fontsize=10)
     ax.grid(True, which="major", axis="y", alpha=0.3)
-    fig.tight_layout()
     return fig
 
 
@@ -177,7 +176,6 @@ def token_map_figure(images: np.ndarray, tokens: np.ndarray, num_codes: int):
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(f"VQ-KD token maps (codebook of {num_codes} codes; colour = code id)", fontsize=10)
-    fig.tight_layout()
     return fig
 
 
