@@ -78,8 +78,15 @@ def resume(manager, state, iterator):
 
 
 def poison_batch(batch: dict) -> dict:
-    """The NaN injection hook (``config.inject_nan_steps``): every floating-point input becomes NaN."""
-    return {k: v * np.nan if np.issubdtype(np.asarray(v).dtype, np.floating) else v for k, v in batch.items()}
+    """The NaN injection hook (``config.inject_nan_steps``): every floating-point input becomes NaN, and so does
+    every uint8 image (as float32 NaN, which ``data.on_device`` passes through)."""
+    def poison(v):
+        v = np.asarray(v)
+        if v.dtype == np.uint8:
+            return np.full(v.shape, np.nan, np.float32)
+        return v * np.nan if np.issubdtype(v.dtype, np.floating) else v
+
+    return {k: poison(v) for k, v in batch.items()}
 
 
 class StopRequest:
