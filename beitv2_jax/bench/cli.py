@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from beitv2_jax.bench.pipeline import bench_input_pipeline
+from beitv2_jax.bench.pipeline import bench_input_pipeline, bench_pipeline_before_after, format_pipeline
 from beitv2_jax.bench.run import format_report, run_bench
 from beitv2_jax.bench.workloads import stage_config
 
@@ -36,6 +36,8 @@ def _define_flags():
     flags.DEFINE_bool("input_pipeline", True, "Also time the grain input pipeline alone.")
     flags.DEFINE_bool("pipeline_only", False, "Only time the input pipeline (no model is built or compiled).")
     flags.DEFINE_integer("pipeline_batches", 8, "Batches timed for the input pipeline.")
+    flags.DEFINE_bool("pipeline_reference", True, "With --pipeline_only (pretrain): also time the pipeline as it was "
+                      "before uint8 on the wire (host float32 views, colour jitter on the whole image) in the same run.")
     flags.DEFINE_integer("pipeline_workers", -1, "grain worker processes for the pipeline timing (-1 = config).")
     flags.DEFINE_integer("frozen_width", 0, "Tokenizer/teacher width (0 = official ViT-B/16 or the demo's).")
     flags.DEFINE_integer("frozen_depth", 0, "Tokenizer/teacher depth (0 = default).")
@@ -62,12 +64,11 @@ def main(argv):
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if FLAGS.pipeline_only:
         config = stage_config(FLAGS.config, FLAGS.stage)
-        result = bench_input_pipeline(config, FLAGS.batch or config.batch_size, FLAGS.pipeline_batches,
-                                      None if FLAGS.pipeline_workers < 0 else FLAGS.pipeline_workers)
+        timing = bench_pipeline_before_after if FLAGS.pipeline_reference else bench_input_pipeline
+        result = timing(config, FLAGS.batch or config.batch_size, FLAGS.pipeline_batches,
+                        None if FLAGS.pipeline_workers < 0 else FLAGS.pipeline_workers)
         result.update(task=config.task, batch_size=FLAGS.batch or config.batch_size)
-        print(f"input pipeline alone ({result['task']}, batch {result['batch_size']}): {result['img_per_s']:.1f} "
-              f"img/s ({result['source']}, {result['num_workers']} workers, {result['read_threads']} threads, "
-              f"{result['batches']} batches; first batch {result['first_batch_s']:.1f} s)")
+        print(format_pipeline(result))
     else:
         result = run_bench(FLAGS.config, stage=FLAGS.stage, batch_size=FLAGS.batch, steps=FLAGS.steps,
                            warmup=FLAGS.warmup, repeats=FLAGS.repeats, compare_torch=FLAGS.compare == "torch",
