@@ -397,9 +397,10 @@ def host_pretrain_views(batch: dict[str, Any], mean=IMAGENET_MEAN, std=IMAGENET_
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerTrainTransform(grain.transforms.RandomMap):
-    """VQ-KD training view: RandomResizedCrop(scale (min_crop_scale, 1)) + flip → [0, 1].
+    """VQ-KD training view: RandomResizedCrop(scale (min_crop_scale, 1)) + flip.
 
-    record → ``{'image': float32 [s, s, 3] in [0, 1], 'label': int32}``.
+    record → ``{'image': uint8 [s, s, 3], 'label': int32}``; the step takes it to [0, 1] with
+    ``data.on_device.unit_float``.
     """
 
     input_size: int = 224
@@ -412,28 +413,22 @@ class TokenizerTrainTransform(grain.transforms.RandomMap):
         image = resized_crop(image, box, self.input_size, self.interpolation)
         if rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return {'image': to_unit_float(image), 'label': _label(element)}
+        return {'image': np.asarray(image), 'label': _label(element)}
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform(grain.transforms.Map):
     """Resize shorter side to ``int(size / crop_pct)`` + centre crop.
 
-    record → ``{'image': float32 [s, s, 3], 'label': int32}``; ImageNet-normalised when
-    ``normalize_image`` (backbone) else in [0, 1] (tokenizer).
+    record → ``{'image': uint8 [s, s, 3], 'label': int32}``; the consumer converts it on device
+    (``data.on_device.normalized`` for a backbone, ``unit_float`` for a tokenizer).
     """
 
     input_size: int = 224
     crop_pct: float = 0.875
     interpolation: str = 'bicubic'
-    normalize_image: bool = True
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
         image = decode_image(element['image'])
         image = resize_shorter(image, int(self.input_size / self.crop_pct), self.interpolation)
-        view = to_unit_float(center_crop(image, self.input_size))
-        if self.normalize_image:
-            view = normalize(view, self.mean, self.std)
-        return {'image': view, 'label': _label(element)}
+        return {'image': np.asarray(center_crop(image, self.input_size)), 'label': _label(element)}
