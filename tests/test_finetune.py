@@ -1,6 +1,7 @@
 """Fine-tuning: the official layer-decay assigner at base size, the official checkpoint → fine-tune model path
 against timm's Beit (same forward, resized tables), mixup/cutmix vs timm.data.Mixup, RandAugment and random
 erasing vs timm on replayed random streams, and a tiny end-to-end fine-tuning run on the demo data."""
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import torch
 from beitv2_jax.convert import export_variables, store, torch_io
 from beitv2_jax.convert.engine import get_layout, unflatten_variables
 from beitv2_jax.convert.model_shapes import normalize_config, param_shapes
-from beitv2_jax.data import augment
+from beitv2_jax.data import augment, transforms
 from beitv2_jax.train import layer_decay, optim
 from beitv2_jax.train.tasks import finetune
 
@@ -451,6 +452,11 @@ def test_rand_augment_and_train_transform_are_deterministic_for_a_seed():
     two = transform.random_map(record, np.random.default_rng(7))
     assert one["image"].shape == (24, 24, 3) and one["image"].dtype == np.float32 and one["label"] == 3
     np.testing.assert_array_equal(one["image"], two["image"])
+    # Without random erasing the view goes out as uint8; normalised it is the float view outside any erased box.
+    wire = dataclasses.replace(transform, re_prob=0.0).random_map(record, np.random.default_rng(7))
+    assert wire["image"].dtype == np.uint8
+    host = transforms.normalize(transforms.to_unit_float(wire["image"]))
+    assert np.isclose(host, one["image"], atol=1e-6).all(-1).mean() > 0.5
 
 
 def test_random_erasing_matches_timm_on_a_replayed_stream(monkeypatch):

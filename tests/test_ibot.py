@@ -202,6 +202,7 @@ def test_multicrop_views_and_hue_match_torchvision():
     t = multicrop.MultiCropTransform(global_size=32, local_size=16, num_local=3, patch_size=4)
     out = t.random_map({"image": np.asarray(image), "label": 3}, rng)
     assert out["global_crops"].shape == (2, 32, 32, 3) and out["local_crops"].shape == (3, 16, 16, 3)
+    assert out["global_crops"].dtype == out["local_crops"].dtype == np.uint8
     assert out["masks"].shape == (2, 64) and out["masks"].dtype == bool and out["label"] == 3
 
 

@@ -246,3 +246,37 @@ def test_demo_chains_ibot_vqkd_pretrain_and_evaluation(demo_data_dir, tmp_path, 
     assert all(tag.split("/")[0] in ("train", "eval", "data", "images", "text", "_hparams_") for tag in tags)
     again = demo.run(c, str(tmp_path))  # finished stages are skipped
     assert again["stage_seconds"]["ibot"] < 1.0 and again["stage_seconds"]["pretrain"] < 1.0
+
+
+def test_pretrain_step_on_uint8_matches_the_host_float_batch():
+    """The step fed uint8 (one view, normalised on device) = the step fed the host float32 views of before."""
+    import ml_collections
+
+    from beitv2_jax.data import transforms
+    from beitv2_jax.models import vqkd
+    from beitv2_jax.train import state as state_lib
+
+    size = 16
+    tokenizer = vqkd.build_vqkd(dict(image_size=size, patch_size=4, width=32, depth=1, num_heads=2, decoder_depth=1,
+                                     num_codes=32, code_dim=8, teacher_dim=16))
+    x, mask = jnp.zeros((1, size, size, 3)), jnp.zeros((1, 16), bool).at[:, :6].set(True)
+    tok_vars = flax.linen.meta.unbox(jax.jit(tokenizer.init)(jax.random.PRNGKey(1), x))
+    model = pretrain.build_model({"backbone": dict(image_size=size, patch_size=4, width=32, depth=1, num_heads=2),
+                                  "vocab_size": 32, "num_masked_patches": 6, "early_layers": 0, "head_layers": 0})
+    params = flax.linen.meta.unbox(model.init(jax.random.PRNGKey(0), x, mask)["params"])
+    optim_cfg = ml_collections.ConfigDict(dict(lr=1e-3, min_lr=1e-5, warmup_steps=1, b1=0.9, b2=0.98, eps=1e-8,
+                                               weight_decay=0.05, clip_grad=3.0, no_decay=["cls_token$"]))
+    tx, schedule = optim.make_optimizer(optim_cfg, params, 10, 5)
+    state = state_lib.create(params, tx, extra={"bad_steps": jnp.zeros((), jnp.int32)})
+    step = pretrain.make_train_step(model, tokenizer, tx, schedule)
+    both = jax.jit(lambda st, tv, wire, host: (step(st, wire, tv)[1], step(st, host, tv)[1]))  # one compile
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 16), bool)
+    for row in masks:
+        row[rng.choice(16, 6, replace=False)] = True
+    wire = {"image": rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8), "mask": masks}
+    host = transforms.host_pretrain_views(wire)
+    assert host["image"].dtype == host["tokenizer_image"].dtype == np.float32
+    on_device, on_host = both(state, tok_vars, wire, host)
+    for key in ("loss", "mlm_acc_1", "grad_norm"):
+        np.testing.assert_allclose(float(on_device[key]), float(on_host[key]), rtol=1e-6, err_msg=key)

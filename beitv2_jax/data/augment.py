@@ -251,7 +251,8 @@ class FinetuneTrainTransform(grain.transforms.RandomMap):
     RandomResizedCrop(scale (min_crop_scale, 1), ratio (3/4, 4/3)) → horizontal flip → RandAugment (or colour
     jitter when ``auto_augment`` is empty; timm disables jitter under RandAugment) → ToTensor → Normalize →
     RandomErasing. record ``{'image': uint8 [H, W, 3] | bytes, 'label'}`` → ``{'image': float32 [s, s, 3]
-    normalised, 'label': int32}``. The linear-probe train view is the same with ``auto_augment=''``,
+    normalised, 'label': int32}``; without random erasing (``re_prob=0``) the image is shipped as uint8 and the step
+    normalises it (``data.on_device.normalized``, which passes float32 through). The linear-probe train view is the same with ``auto_augment=''``,
     ``color_jitter=0`` and ``re_prob=0``.
     """
 
@@ -284,11 +285,13 @@ class FinetuneTrainTransform(grain.transforms.RandomMap):
             image = augment(image, rng)
         elif self.color_jitter > 0:
             image = transforms.color_jitter(image, rng, self.color_jitter, self.color_jitter, self.color_jitter)
+        label = np.int32(element.get("label", -1))
+        if self.re_prob <= 0:  # uint8 on the wire; the step normalises (data.on_device.normalized)
+            return {"image": np.asarray(image), "label": label}
         x = transforms.normalize(transforms.to_unit_float(image), self.mean, self.std)
-        if self.re_prob > 0:
-            boxes = random_erasing_box(x.shape[0], x.shape[1], rng, prob=self.re_prob, max_count=self.re_count)
-            x = erase(x, boxes, rng, self.re_mode)
-        return {"image": x.astype(np.float32), "label": np.int32(element.get("label", -1))}
+        boxes = random_erasing_box(x.shape[0], x.shape[1], rng, prob=self.re_prob, max_count=self.re_count)
+        x = erase(x, boxes, rng, self.re_mode)  # N(0, 1) fills live in normalised space: float32 on the wire
+        return {"image": x.astype(np.float32), "label": label}
 
 
 # ----------------------------------------------------------------------------------------------- mixup / cutmix

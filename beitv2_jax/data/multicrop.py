@@ -126,9 +126,9 @@ def random_mask(rng: np.random.Generator, grid: int, target: float) -> np.ndarra
 # ----------------------------------------------------------------------------------------------- the transform
 @dataclasses.dataclass(frozen=True)
 class MultiCropTransform(grain.transforms.RandomMap):
-    """record ``{'image', 'label'?}`` → ``{'global_crops': float32 [G, s, s, 3], 'local_crops': float32
-    [L, l, l, 3] (only when L > 0), 'masks': bool [G, (s / patch)²] row-major, 'label': int32}``; crops
-    ImageNet-normalised."""
+    """record ``{'image', 'label'?}`` → ``{'global_crops': uint8 [G, s, s, 3], 'local_crops': uint8
+    [L, l, l, 3] (only when L > 0), 'masks': bool [G, (s / patch)²] row-major, 'label': int32}``; the iBOT step
+    ImageNet-normalises the crops on device (``data.on_device.normalized``)."""
 
     global_size: int = 224
     local_size: int = 96
@@ -145,18 +145,17 @@ class MultiCropTransform(grain.transforms.RandomMap):
     color_jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     interpolation: str = "bicubic"
-    mean: tuple = transforms.IMAGENET_MEAN
-    std: tuple = transforms.IMAGENET_STD
 
     def crop(self, image: Image.Image, rng: np.random.Generator, size: int, scale: tuple, blur: float,
              solarize_prob: float = 0.0, official_size: int = 224) -> np.ndarray:
+        """One augmented view, uint8 ``[size, size, 3]``."""
         box = transforms.random_resized_crop_box(image.height, image.width, rng, scale=tuple(scale))
         view = flip_and_color_jitter(transforms.resized_crop(image, box, size, self.interpolation), rng,
                                      tuple(self.color_jitter), self.color_jitter_prob, self.grayscale_prob)
         view = gaussian_blur(view, rng, blur, radius_scale=size / official_size)
         if solarize_prob > 0:
             view = solarize(view, rng, solarize_prob)
-        return transforms.normalize(transforms.to_unit_float(view), self.mean, self.std)
+        return np.asarray(view)
 
     def mask(self, rng: np.random.Generator) -> np.ndarray:
         grid = self.global_size // self.patch_size

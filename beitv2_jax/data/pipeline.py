@@ -279,8 +279,9 @@ def _make_iterator(data_config, split, transform, global_batch_size, seed, proce
 def make_pretrain_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,
                            seed: int, process_index: int | None = None,
                            process_count: int | None = None) -> BatchIterator:
-    """Endless pretraining batches ``{'image': f32 [b, s, s, 3], 'tokenizer_image': f32 [b, s2, s2, 3],
-    'mask': bool [b, (s / patch)**2], 'label': i32 [b], 'bad_records': i32 [b]}`` with
+    """Endless pretraining batches ``{'image': uint8 [b, s, s, 3], 'mask': bool [b, (s / patch)**2], 'label':
+    i32 [b], 'bad_records': i32 [b]}`` (+ ``'tokenizer_image': uint8 [b, s2, s2, 3]`` when the two views differ,
+    see ``transforms.PretrainTransform``; ``data.on_device.pretrain_views`` makes the float views) with
     ``b = global_batch_size / processes``; ``bad_records`` marks rows that replace an undecodable record
     (``transforms.DecodedSource``).
 
@@ -294,7 +295,7 @@ def make_pretrain_iterator(data_config: ml_collections.ConfigDict, global_batch_
 def make_tokenizer_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,
                             seed: int, process_index: int | None = None,
                             process_count: int | None = None) -> BatchIterator:
-    """Endless VQ-KD training batches ``{'image': f32 [b, s, s, 3] in [0, 1], 'label': i32 [b],
+    """Endless VQ-KD training batches ``{'image': uint8 [b, s, s, 3], 'label': i32 [b],
     'bad_records': i32 [b]}``."""
     transform = transforms.TokenizerTrainTransform(
         input_size=data_config.input_size, min_crop_scale=data_config.tokenizer_min_crop_scale,
@@ -305,16 +306,16 @@ def make_tokenizer_iterator(data_config: ml_collections.ConfigDict, global_batch
 
 def make_eval_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,
                        process_index: int | None = None, process_count: int | None = None,
-                       normalize_image: bool = True, split: str | None = None,
-                       drop_remainder: bool = False) -> BatchIterator:
-    """One pass over the eval split: ``{'image': f32 [b, s, s, 3], 'label': i32 [b]}``.
+                       split: str | None = None, drop_remainder: bool = False) -> BatchIterator:
+    """One pass over the eval split: ``{'image': uint8 [b, s, s, 3], 'label': i32 [b]}`` (padded passes add
+    ``'valid'``).
 
-    Images are resized to ``int(s / eval_crop_pct)`` and centre-cropped; ImageNet-normalised when
-    ``normalize_image`` else in [0, 1]. With ``drop_remainder=False`` the last batch may be smaller.
+    Images are resized to ``int(s / eval_crop_pct)`` and centre-cropped; the consumer converts them on device
+    (``data.on_device.normalized`` / ``unit_float``).
     """
     transform = transforms.EvalTransform(
         input_size=data_config.input_size, crop_pct=data_config.eval_crop_pct,
-        interpolation=data_config.interpolation, normalize_image=normalize_image)
+        interpolation=data_config.interpolation)
     return _make_iterator(data_config, split or data_config.eval_split, transform,
                           global_batch_size, 0, process_index, process_count, shuffle=False,
                           num_epochs=1, drop_remainder=drop_remainder)

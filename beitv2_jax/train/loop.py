@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 
 from beitv2_jax import progress, runtime
 from beitv2_jax.train import checkpoint as ckpt_lib
+from beitv2_jax.train import prefetch as prefetch_lib
 from beitv2_jax.train import sharding
 from beitv2_jax.train.metrics import MetricsWriter
 
@@ -78,8 +79,15 @@ def resume(manager, state, iterator):
 
 
 def poison_batch(batch: dict) -> dict:
-    """The NaN injection hook (``config.inject_nan_steps``): every floating-point input becomes NaN."""
-    return {k: v * np.nan if np.issubdtype(np.asarray(v).dtype, np.floating) else v for k, v in batch.items()}
+    """The NaN injection hook (``config.inject_nan_steps``): every floating-point input becomes NaN, and so does
+    every uint8 image (as float32 NaN, which ``data.on_device`` passes through)."""
+    def poison(v):
+        v = np.asarray(v)
+        if v.dtype == np.uint8:
+            return np.full(v.shape, np.nan, np.float32)
+        return v * np.nan if np.issubdtype(v.dtype, np.floating) else v
+
+    return {k: poison(v) for k, v in batch.items()}
 
 
 class StopRequest:
@@ -233,7 +241,7 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
         steps_per_epoch: int, batch_size: int, log_every: int = 50, checkpoint_every: int = 1000,
         max_bad_steps: int = 10, divergence_factor: float = 0.0, manager=None, writer: Optional[MetricsWriter] = None,
         epoch_end: Optional[Callable] = None, desc: str = "train", inject_nan_steps: Sequence[int] = (),
-        profile: Sequence[int] = ()):
+        profile: Sequence[int] = (), device_prefetch: int = 2):
     """Run ``train_step(state, batch) -> (state, metrics)`` from ``state.step`` to ``total_steps``.
 
     Metrics are averaged over each logging window and written with the cumulative ``bad_records`` and
@@ -244,6 +252,8 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
     ``inject_nan_steps`` (1-based, as logged) are poisoned with NaN to exercise the guard. ``profile`` =
     (first, last) traces those steps with ``jax.profiler`` into ``runtime.profile_dir(workdir)``.
     Each metrics row also has ``data_wait_s``, ``step_s``, ``goodput`` (and ``compile_s`` once), see ``_MetricsLog``.
+    ``device_prefetch`` batches are read and placed on the mesh ahead of the step (``prefetch.DevicePrefetch``; the
+    checkpointed iterator state is that of the consumed batches).
     """
     own_writer = writer is None
     writer = writer or MetricsWriter(workdir)
@@ -255,15 +265,19 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
     stop = StopRequest(manager)
     log = _MetricsLog(writer, start, total_steps, batch_size, desc)
     profiler = runtime.ProfileWindow(profile, runtime.profile_dir(workdir))
+
+    def place(batch: dict, index: int) -> dict:  # host batch of step start+index+1 → global arrays (+ host flags)
+        flags = batch.pop("bad_records", None)
+        batch = sharding.to_global_batch(poison_batch(batch) if start + index + 1 in inject_nan_steps else batch, mesh)
+        return batch if flags is None else {**batch, "bad_records": flags}
+
+    feed = prefetch_lib.DevicePrefetch(iterator, place, device_prefetch, limit=total_steps - start)
     try:
         for step in range(start, total_steps):
             done = step + 1
             profiler.before(done)
             with log.timed("data"):
-                batch = counters.add_batch(next(iterator))
-                if done in inject_nan_steps:
-                    batch = poison_batch(batch)
-                batch = sharding.to_global_batch(batch, mesh)
+                batch = counters.add_batch(next(feed))
             with log.timed("compile" if step == start else None):  # the first call traces and compiles
                 state, metrics = train_step(state, batch)
             with log.timed("other"):
@@ -283,7 +297,7 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
                 guard.flush()
                 guard.check()  # a step that reaches max_bad_steps or diverged is not saved
             if manager is not None and (required or (done % checkpoint_every == 0 and not guard.suspect)):
-                data = {"iterator": iterator.get_state(), "counters": counters.as_dict()}
+                data = {"iterator": feed.get_state(), "counters": counters.as_dict()}  # consumed, not queued
                 with log.timed("other"):
                     ckpt_lib.save(manager, done, state, data, required=required)
             if stopping:
@@ -291,6 +305,7 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
         guard.flush()
         guard.check()
     finally:
+        feed.close()
         stop.close()
         profiler.close()
         log.close()

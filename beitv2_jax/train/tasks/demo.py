@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from beitv2_jax import storage
-from beitv2_jax.data import pipeline
+from beitv2_jax.data import on_device, pipeline
 from beitv2_jax.models import teachers as teachers_lib
 from beitv2_jax.models import vit
 from beitv2_jax.train import metrics as metrics_lib
@@ -120,9 +120,10 @@ def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_d
 
     # Token maps of a few test images and the code usage over the test split.
     tokenizer, tok_vars = vqkd.load_tokenizer(tokenizer_dir)
-    iterator = pipeline.make_eval_iterator(data, batch, normalize_image=False)
-    index_fn = jax.jit(lambda b: {"ids": tokenizer.apply(tok_vars, b["image"], method="get_codebook_indices"),
-                                  "image": b["image"]})
+    iterator = pipeline.make_eval_iterator(data, batch)
+    index_fn = jax.jit(lambda b: {"ids": tokenizer.apply(tok_vars, on_device.unit_float(b["image"]),
+                                                         method="get_codebook_indices"),
+                                  "image": on_device.unit_float(b["image"])})
     outs = common.eval_pass(index_fn, iterator, mesh, "tokenizer: test-split codes")
     ids = np.concatenate([o["ids"] for o in outs])
     counts = np.bincount(ids.reshape(-1), minlength=tokenizer.num_codes)

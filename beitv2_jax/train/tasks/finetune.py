@@ -26,7 +26,7 @@ import optax
 from absl import logging
 
 from beitv2_jax import storage
-from beitv2_jax.data import augment, pipeline, sources, transforms
+from beitv2_jax.data import augment, on_device, pipeline, sources, transforms
 from beitv2_jax.models import relpos, vit
 from beitv2_jax.train import checkpoint as ckpt_lib
 from beitv2_jax.train import layer_decay, loop, optim, sharding
@@ -252,7 +252,8 @@ def make_train_step(model: vit.VisionTransformer, tx, schedule, mixup: augment.M
         return classification_loss(out["logits"], targets)
 
     def train_step(state: state_lib.TrainState, batch: dict):
-        images, targets = mixup(state_lib.step_rng(state, "mixup"), batch["image"], batch["label"])
+        images, targets = mixup(state_lib.step_rng(state, "mixup"), on_device.normalized(batch["image"]),
+                                batch["label"])
         loss, grads = jax.value_and_grad(loss_fn)(state.params, images, targets,
                                                   state_lib.step_rng(state, "dropout"))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -278,7 +279,7 @@ def topk_correct(logits: jax.Array, labels: jax.Array, ks=(1, 5)) -> dict:
 def make_eval_step(model: vit.VisionTransformer):
     """Jitted ``(params, batch) → {'top1', 'top5': bool [B], 'loss': [B]}`` (params: an argument, not constants)."""
     def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["image"])["logits"].astype(jnp.float32)
+        logits = model.apply({"params": params}, on_device.normalized(batch["image"]))["logits"].astype(jnp.float32)
         hits = topk_correct(logits, batch["label"])
         hits["loss"] = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         return hits

@@ -34,7 +34,7 @@ import optax
 from absl import logging
 
 from beitv2_jax import storage
-from beitv2_jax.data import multicrop
+from beitv2_jax.data import multicrop, on_device
 from beitv2_jax.models import ibot as ibot_lib
 from beitv2_jax.train import checkpoint as ckpt_lib
 from beitv2_jax.train import loop, optim, sharding
@@ -265,6 +265,7 @@ def make_train_step(model: ibot_lib.IBOT, tx, lr_schedule, wd_schedule, momentum
 
     def train_step(state: state_lib.TrainState, batch: dict, frozen):
         del frozen
+        batch = {**batch, **{k: on_device.normalized(batch[k]) for k in ("global_crops", "local_crops") if k in batch}}
         ms = state.model_state
         epoch = jnp.minimum(state.step // settings.steps_per_epoch, teacher_temps.shape[0] - 1)
         temps = (teacher_temps[epoch], patch_temps[epoch])

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from beitv2_jax import storage
-from beitv2_jax.data import pipeline
+from beitv2_jax.data import on_device, pipeline
 from beitv2_jax.train import sharding
 from beitv2_jax.train.metrics import MetricsWriter
 from beitv2_jax.train.tasks import common
@@ -46,9 +46,9 @@ def extract_features(feature_fn: Callable, data_config, split: str, batch_size: 
     function as an argument, so large encoders are not baked into the program as constants).
     """
     if params is None:
-        fn = jax.jit(lambda p, b: {"f": feature_fn(b["image"]), "y": b["label"]})
+        fn = jax.jit(lambda p, b: {"f": feature_fn(on_device.normalized(b["image"])), "y": b["label"]})
     else:
-        fn = jax.jit(lambda p, b: {"f": feature_fn(p, b["image"]), "y": b["label"]})
+        fn = jax.jit(lambda p, b: {"f": feature_fn(p, on_device.normalized(b["image"])), "y": b["label"]})
     iterator = pipeline.make_eval_iterator(data_config, batch_size, split=split)
     outs = common.eval_pass(lambda b: fn(params, b), iterator, mesh, desc or f"features ({split})")
     return np.concatenate([o["f"] for o in outs]).astype(np.float32), np.concatenate([o["y"] for o in outs])

@@ -32,7 +32,7 @@ import optax
 from absl import logging
 
 from beitv2_jax import progress, storage
-from beitv2_jax.data import augment, pipeline, sources, transforms
+from beitv2_jax.data import augment, on_device, pipeline, sources, transforms
 from beitv2_jax.models import relpos, vit
 from beitv2_jax.train import checkpoint as ckpt_lib
 from beitv2_jax.train import loop, optim, sharding
@@ -243,7 +243,7 @@ def train_on_features(train_features: np.ndarray, train_labels: np.ndarray, eval
 def make_stream_step(features: Callable, tx, schedule):
     """``(state, batch, encoder_params) → (state, metrics)``: frozen features of the batch, one head update."""
     def train_step(state: state_lib.TrainState, batch: dict, encoder_params):
-        feats = as_layers(jax.lax.stop_gradient(features(encoder_params, batch["image"])))
+        feats = as_layers(jax.lax.stop_gradient(features(encoder_params, on_device.normalized(batch["image"]))))
         loss, grads = jax.value_and_grad(heads_loss)(state.params, feats, batch["label"])
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -335,7 +335,8 @@ def _run_streamed(config, workdir, features, encoder_params, eval_batch, mesh, w
     common.write_config(config, workdir)
     step_fn = jax.jit(make_stream_step(features, tx, schedule), donate_argnums=0)
     train_step = functools.partial(_with_encoder, step_fn, encoder_params)
-    hits_fn = jax.jit(lambda heads, p, b: heads_hits(heads, as_layers(features(p, b["image"])), b["label"]))
+    hits_fn = jax.jit(lambda heads, p, b: heads_hits(heads, as_layers(features(p, on_device.normalized(b["image"]))),
+                                                     b["label"]))
     results = {}
 
     def epoch_end(state, epoch):

@@ -18,7 +18,7 @@ import optax
 from absl import logging
 
 from beitv2_jax import storage
-from beitv2_jax.data import pipeline
+from beitv2_jax.data import on_device, pipeline
 from beitv2_jax.models import beit as beit_lib
 from beitv2_jax.train import checkpoint as ckpt_lib
 from beitv2_jax.train import loop, optim, sharding
@@ -62,14 +62,16 @@ def make_train_step(model: beit_lib.BEiTPretrainModel, tokenizer, tx, schedule,
     targets."""
     tokenizer = targets_lib.as_frozen(tokenizer)
 
-    def loss_fn(params, batch, tokens, rng):
-        out = model.apply({"params": params}, batch["image"], batch["mask"], train=True, rngs={"dropout": rng})
+    def loss_fn(params, image, mask, tokens, rng):
+        out = model.apply({"params": params}, image, mask, train=True, rngs={"dropout": rng})
         return targets_lib.labels_and_loss(out, tokens, settings)
 
     def train_step(state: state_lib.TrainState, batch: dict, tokenizer_variables):
-        tokens = tokenizer.outputs(tokenizer_variables, batch["tokenizer_image"], settings.soft)
+        image, tokenizer_image = on_device.pretrain_views(batch)  # uint8 on the wire → float32 here
+        tokens = tokenizer.outputs(tokenizer_variables, tokenizer_image, settings.soft)
         rng = state_lib.step_rng(state, "dropout")
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tokens, rng)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, image, batch["mask"],
+                                                                           tokens, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & optim.is_finite_tree(grads) & optim.is_finite_tree(params)

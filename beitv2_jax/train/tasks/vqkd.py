@@ -17,7 +17,7 @@ import optax
 from absl import logging
 
 from beitv2_jax import storage
-from beitv2_jax.data import pipeline
+from beitv2_jax.data import on_device, pipeline
 from beitv2_jax.models import quantizer as quant
 from beitv2_jax.models import teachers as teachers_lib
 from beitv2_jax.models import vqkd as vqkd_lib
@@ -57,7 +57,7 @@ def make_train_step(model: vqkd_lib.VQKD, teacher: teachers_lib.Teacher, tx, sch
     def train_step(state: state_lib.TrainState, batch: dict, teacher_params):
         rng = state_lib.step_rng(state, "dropout")
         (loss, (new_model_state, out, rec_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.model_state, batch["image"], teacher_params, rng)
+            state.params, state.model_state, on_device.unit_float(batch["image"]), teacher_params, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & optim.is_finite_tree(grads) & optim.is_finite_tree(params)
@@ -80,13 +80,14 @@ def evaluate(model, variables, teacher, teacher_params, config, mesh):
 
     @jax.jit
     def eval_fn(batch):
-        out = model.apply(variables, batch["image"], train=False)
-        target = teacher.features(teacher_params, batch["image"])
+        images = on_device.unit_float(batch["image"])
+        out = model.apply(variables, images, train=False)
+        target = teacher.features(teacher_params, images)
         cos = jnp.sum(quant.l2_normalize(out["features"]) * quant.l2_normalize(target), -1)
         return {"rec_loss": 1.0 - cos.mean(-1), "indices": out["indices"]}
 
     batch = config.get("eval_batch_size") or config.batch_size
-    iterator = pipeline.make_eval_iterator(config.data, batch, normalize_image=False)
+    iterator = pipeline.make_eval_iterator(config.data, batch)
     outs = common.eval_pass(eval_fn, iterator, mesh, "vqkd eval")
     rec = np.concatenate([o["rec_loss"] for o in outs])
     indices = np.concatenate([o["indices"] for o in outs]).reshape(-1)
