@@ -222,6 +222,7 @@ def main(argv):
 def run_reporting_outcome(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Run the task; a preemption stop exits 0, known failures end with one line on stderr and exit code 1."""
     from beitv2_jax import runtime, validate
+    from beitv2_jax.convert import inputs, torch_io
     from beitv2_jax.data import transforms
     from beitv2_jax.train import checkpoint, loop, workdir_lock
 
@@ -232,7 +233,8 @@ def run_reporting_outcome(config: ml_collections.ConfigDict, workdir: str) -> No
         logging.info("compilation: %s", runtime.COMPILE_STATS.summary())
         logging.warning("%s", e)  # the last line: how to resume
         sys.exit(0)
-    except (validate.ConfigError, workdir_lock.WorkdirBusyError, checkpoint.IncompatibleCheckpointError) as e:
+    except (validate.ConfigError, workdir_lock.WorkdirBusyError, checkpoint.IncompatibleCheckpointError,
+            torch_io.MissingTorchError, inputs.FormatError) as e:  # a .pth without torch, an undetectable format
         _die(str(e))
     except (loop.NonFiniteError, checkpoint.CheckpointError, transforms.BadDataError) as e:
         _exit_now(f"error: {' '.join(str(e).split())}", code=1)

@@ -95,15 +95,15 @@ def test_readme_tokenize_snippet(tokenizer_dir):
 def test_features_classify_and_inputs(finetuned_dir, tmp_path):
     model = beitv2_jax.from_pretrained(finetuned_dir)
     rng = np.random.default_rng(0)
-    batch = rng.integers(0, 256, (3, 40, 52, 3), dtype=np.uint8)
+    batch = rng.integers(0, 256, (2, 40, 52, 3), dtype=np.uint8)  # batch 2: the forwards compiled for the snippet
     out = jax.device_get(model.apply(np.stack([eval_view(x) for x in batch]), return_blocks=True))
     np.testing.assert_allclose(model.classify(batch), out["logits"], atol=1e-5)
     np.testing.assert_allclose(model.features(batch, pool="tokens"), out["encoded"][:, 1:], atol=1e-5)
     np.testing.assert_allclose(model.features(batch, pool="all", layer=0), out["blocks"][0], atol=1e-5)
     np.testing.assert_allclose(model.features(batch, pool="cls", layer=-1), out["blocks"][1][:, 0], atol=1e-5)
     # an array, a PIL image and a file path (a list of any sizes) give the rows of the batch
-    Image.fromarray(batch[2]).save(tmp_path / "one.png")
-    mixed = model.features([batch[0], Image.fromarray(batch[1]), str(tmp_path / "one.png")], pool="tokens")
+    Image.fromarray(batch[1]).save(tmp_path / "one.png")
+    mixed = model.features([Image.fromarray(batch[0]), str(tmp_path / "one.png")], pool="tokens")
     np.testing.assert_allclose(mixed, out["encoded"][:, 1:], atol=1e-5)
     assert model.preprocess(batch[0]).shape == (1, 32, 32, 3)  # one HWC image
     # float images are resized without 8-bit rounding (PIL rounds and clips 8-bit images after each resize pass:
@@ -216,7 +216,7 @@ def test_hf_export_runs_in_the_image_classification_pipeline(finetuned_dir, tmp_
     assert {"config.json", "preprocessor_config.json", "model.safetensors"} <= set(os.listdir(out))
     classifier = transformers.pipeline("image-classification", model=str(out), top_k=None)
     rng = np.random.default_rng(3)
-    pil = [Image.fromarray(rng.integers(0, 256, (44 + 4 * i, 36, 3), dtype=np.uint8)) for i in range(4)]
+    pil = [Image.fromarray(rng.integers(0, 256, (44 + 4 * i, 36, 3), dtype=np.uint8)) for i in range(2)]
     theirs = classifier(pil)
     ours = beitv2_jax.from_pretrained(finetuned_dir).classify(pil)
     probs = np.exp(ours - ours.max(-1, keepdims=True))
@@ -298,3 +298,16 @@ def test_ambiguous_format_is_one_line(tmp_path, capsys):
     assert cli.main(["--input", str(tmp_path / "vit.safetensors"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--format timm or --format dino" in err
+
+
+def test_training_run_without_torch_ends_with_one_line(monkeypatch, capsys):
+    """A task handed a .pth without torch installed (e.g. config.pretrained.checkpoint) stops with the same line."""
+    from beitv2_jax import main
+
+    def run_task(config, workdir):
+        raise torch_io.MissingTorchError("x.pth: reading ... needs PyTorch: pip install 'beitv2_jax[torch]'")
+
+    monkeypatch.setattr(main, "run_task", run_task)
+    with pytest.raises(SystemExit) as stop:
+        main.run_reporting_outcome(None, "unused")
+    assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith("pip install 'beitv2_jax[torch]'")

@@ -22,7 +22,8 @@ exports its backbone + final norm to ``timm``/``hf_vit``/``official_finetune`` a
 ``hf_beit`` (``BeitForMaskedImageModeling``); the parts left out are listed. ``--rel_pos per_layer`` copies a
 shared relative position table into every block (the timm ``beitv2_*`` layout).
 
-Flags use underscores (``--hf_config``); the older dashed spellings (``--hf-config``, ``--trust-pickle``) still work.
+Flags use underscores (``--hf_config``); the older dashed spellings (``--hf-config``, ``--trust-pickle``) still
+work.
 """
 from __future__ import annotations
 
