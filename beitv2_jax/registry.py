@@ -31,8 +31,6 @@ import urllib.request
 import uuid
 from typing import Optional
 
-from beitv2_jax import storage
-
 OFFICIAL_URL_BASE = "https://github.com/addf400/files/releases/download"
 URL_BASE_ENV = "BEITV2_JAX_URL_BASE"
 CACHE_ENV = "BEITV2_JAX_CACHE"

@@ -47,7 +47,8 @@ def test_one_version():
     changelog = (REPO / "CHANGELOG.md").read_text()
     assert f'version: "{beitv2_jax.__version__}"' in citation
     assert re.search(r"^## (\S+)", changelog, re.M).group(1) == beitv2_jax.__version__
-    assert "MIT License" in (REPO / "LICENSE").read_text() and "The beitv2_jax authors" in (REPO / "LICENSE").read_text()
+    license_text = (REPO / "LICENSE").read_text()
+    assert "MIT License" in license_text and "The beitv2_jax authors" in license_text
 
 
 def _long_options(parser: argparse.ArgumentParser) -> list:
