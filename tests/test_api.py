@@ -65,15 +65,17 @@ def readme_snippet(call: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- README snippets
 def test_readme_features_snippet(finetuned_dir):
-    """The README's ≤ 5-line snippet, run as written (only the directory substituted): the features are the
-    linear-probe task's ``mean`` features of the pipeline's evaluation view."""
+    """The README's ≤ 5-line snippet, run as written (only the directory substituted): the features are the model's
+    pooled output (fc_norm of the mean patch token = linear_probe's ``mean`` feature of a mean-pooling classifier)
+    on the data pipeline's evaluation view."""
     scope = {}
     exec(readme_snippet("from_pretrained").replace("path/to/model_dir", finetuned_dir), scope)
     features, images = scope["features"], scope["images"]
+    model = beitv2_jax.from_pretrained(finetuned_dir)
     weights = api.load_weights(finetuned_dir)
-    pretrained = linear_probe.finetune.as_encoder(weights.variables, weights.kind, weights.config)
-    fn = linear_probe.feature_fn(linear_probe.encoder_model(pretrained), "mean")
-    expected = fn(pretrained.params, np.stack([eval_view(x) for x in images]))
+    encoder = linear_probe.finetune.as_encoder(weights.variables, weights.kind, weights.config)
+    assert model.resolve_pool("default") == linear_probe.resolve_feature("auto", encoder) == "mean"
+    expected = model.apply(np.stack([eval_view(x) for x in images]))["pooled"]
     chex.assert_trees_all_close(features, np.asarray(expected), atol=1e-5, rtol=1e-5)
     assert features.shape == (2, 48)
 
