@@ -313,3 +313,19 @@ def test_training_run_without_torch_ends_with_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         main.run_reporting_outcome(None, "unused")
     assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith("pip install 'beitv2_jax[torch]'")
+
+
+def test_save_pretrained_folder_is_a_converter_input(tmp_path):
+    """A folder written by transformers' ``save_pretrained`` (was: 'not found'), format from its config.json."""
+    config = transformers.ViTConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96,
+                                    image_size=32, patch_size=8, num_labels=3)
+    torch.manual_seed(0)
+    reference = transformers.ViTForImageClassification(config).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    assert cli.main(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) == 0
+    model = beitv2_jax.from_pretrained(str(tmp_path / "ours"))
+    assert model.config["num_classes"] == 3 and model.config["num_heads"] == 4  # heads from config.json
+    x = np.random.default_rng(5).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        logits = reference(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2)).logits.numpy()
+    np.testing.assert_allclose(model.apply(x)["logits"], logits, atol=1e-5 * max(1.0, np.abs(logits).max()))
