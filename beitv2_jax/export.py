@@ -6,8 +6,8 @@
 ``--format hf`` is ``hf_beit``; every ``convert --export`` format is accepted too. The only difference from
 ``convert --export`` is the default ``--rel_pos per_layer`` (a shared relative position table is copied into every
 block: the timm ``beitv2_*`` layout). Both write the same files: a ``beit_pretrain`` encoder becomes
-``BeitForMaskedImageModeling`` for ``hf``/``hf_beit`` (its backbone loads with ``BeitModel``/``AutoModel``) and its
-backbone + final norm for ``timm``; Hugging Face exports get ``config.json`` and ``preprocessor_config.json``.
+``BeitForMaskedImageModeling`` for ``hf``/``hf_beit`` (backbone + final norm + LM head; load it with that class) and
+its backbone + final norm for ``timm``; Hugging Face exports get ``config.json`` and ``preprocessor_config.json``.
 """
 from __future__ import annotations
 

@@ -316,12 +316,13 @@ def test_training_run_without_torch_ends_with_one_line(monkeypatch, capsys):
 
 
 def test_save_pretrained_folder_is_a_converter_input(tmp_path):
-    """A folder written by transformers' ``save_pretrained`` (was: 'not found'), format from its config.json."""
+    """A (sharded) folder written by transformers' ``save_pretrained`` (was: 'not found'), format from config.json."""
     config = transformers.ViTConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96,
                                     image_size=32, patch_size=8, num_labels=3)
     torch.manual_seed(0)
     reference = transformers.ViTForImageClassification(config).eval()
-    reference.save_pretrained(tmp_path / "hf")
+    reference.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # sharded: model.safetensors.index.json
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     assert cli.main(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) == 0
     model = beitv2_jax.from_pretrained(str(tmp_path / "ours"))
     assert model.config["num_classes"] == 3 and model.config["num_heads"] == 4  # heads from config.json
