@@ -102,9 +102,10 @@ def vqkd(teacher: str = "clip", decoder_depth: int = 3) -> ml_collections.Config
 
 
 def _pretrained_section() -> ml_collections.ConfigDict:
-    """Where the encoder comes from: one of our weight directories (``format`` empty: the pretrain task's
-    ``<workdir>/model`` or a ``python -m beitv2_jax.convert`` output) or a PyTorch file with its layout
-    (``official_beitv2``, ``official_finetune``, ``timm``, ``hf_beit``, ...)."""
+    """Where the encoder comes from: one of our weight directories (the pretrain task's ``<workdir>/model`` or a
+    ``python -m beitv2_jax.convert`` output), a Hugging Face folder, a PyTorch file (``format``: its layout,
+    ``official_beitv2``, ``timm``, ``hf_beit``, ...; detected from the keys when empty) or an official name
+    (``beitv2_jax.registry.names()``, e.g. ``beitv2_base_patch16_224_pt1k``), all read by ``api.load_weights``."""
     return ml_collections.ConfigDict({"checkpoint": "", "format": ""})
 
 
