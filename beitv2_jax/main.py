@@ -1,5 +1,8 @@
 """Entry point: ``python -m beitv2_jax.main --config configs/<name>.py --workdir DIR [--config.key=value ...]``.
 
+``--config`` also takes a recipe name (``demo``, ``beitv2_demo``, ``finetune_base:300``): the file of that name
+shipped with the package (``configs/`` in the source tree, ``beitv2_jax.configs`` when installed).
+
 The config's ``task`` field picks the job (``vqkd``, ``pretrain``, ``demo``, ...); each task lives in
 ``beitv2_jax/train/tasks/<task>.py`` and exposes ``run(config, workdir)``. Bad flags (unknown override keys, a
 missing config file, values of the wrong type) and invalid configs (``validate.py``, checked before any compute) end
@@ -21,7 +24,8 @@ import ml_collections
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file (get_config()).",
+config_flags.DEFINE_config_file("config", None, "A configs/<name>.py file (get_config()) or a packaged recipe "
+                                "name (demo, finetune_base:300, ...).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs of this run.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 for a multi-process run (optional on "
@@ -106,8 +110,22 @@ def _explain_flag_error(error: BaseException, argv=()) -> str:
     return " ".join(text.split())
 
 
+def packaged_config_argv(argv):
+    """``--config NAME`` (a recipe shipped with the package, e.g. ``demo``) → ``--config <its file>``."""
+    from beitv2_jax import recipes
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + recipes.resolve_config_arg(arg.split("=", 1)[1])
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = recipes.resolve_config_arg(out[i + 1])
+    return out
+
+
 def parse_flags(argv):
     """absl flag parsing that turns config errors into one readable line instead of a traceback."""
+    argv = packaged_config_argv(argv)
     try:
         return FLAGS(argv)
     except flags.Error as e:
@@ -126,13 +144,20 @@ def load_config() -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         filename = flags.FLAGS["config"].config_filename
         if not os.path.isfile(filename.split(":", 1)[0]):
-            _die(f"config file {filename!r} does not exist (give a path such as configs/demo.py)")
+            _die(f"config file {filename!r} does not exist (give a path such as configs/demo.py or a recipe name: "
+                 f"{', '.join(recipes_names())})")
         try:
             config.task  # an _ErrorConfig re-raises the loading error here
         except Exception as e:  # noqa: BLE001 - any loading failure gets the same one-line treatment
             _die(f"cannot load config file {filename!r}: {' '.join(str(e).split())}")
         _die(f"config file did not return an ml_collections.ConfigDict: {type(config).__name__}")
     return config
+
+
+def recipes_names() -> list:
+    from beitv2_jax import recipes
+
+    return recipes.recipe_names()
 
 
 class _QuietLibraries:
@@ -198,6 +223,7 @@ def main(argv):
 def run_reporting_outcome(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Run the task; a preemption stop exits 0, known failures end with one line on stderr and exit code 1."""
     from beitv2_jax import runtime, validate
+    from beitv2_jax.convert import inputs, torch_io
     from beitv2_jax.data import transforms
     from beitv2_jax.train import checkpoint, loop, workdir_lock
 
@@ -208,7 +234,8 @@ def run_reporting_outcome(config: ml_collections.ConfigDict, workdir: str) -> No
         logging.info("compilation: %s", runtime.COMPILE_STATS.summary())
         logging.warning("%s", e)  # the last line: how to resume
         sys.exit(0)
-    except (validate.ConfigError, workdir_lock.WorkdirBusyError, checkpoint.IncompatibleCheckpointError) as e:
+    except (validate.ConfigError, workdir_lock.WorkdirBusyError, checkpoint.IncompatibleCheckpointError,
+            torch_io.MissingTorchError, inputs.FormatError) as e:  # a .pth without torch, an undetectable format
         _die(str(e))
     except (loop.NonFiniteError, checkpoint.CheckpointError, transforms.BadDataError) as e:
         _exit_now(f"error: {' '.join(str(e).split())}", code=1)

@@ -1,4 +1,7 @@
-"""Recipe building blocks shared by the files in configs/ (each get_config() there is the entry point)."""
+"""Recipe building blocks shared by the files in configs/ (each get_config() there is the entry point), and the
+lookup of a packaged recipe by name (``--config demo``)."""
+import os
+
 import ml_collections
 
 from beitv2_jax.data.pipeline import default_data_config
@@ -99,9 +102,10 @@ def vqkd(teacher: str = "clip", decoder_depth: int = 3) -> ml_collections.Config
 
 
 def _pretrained_section() -> ml_collections.ConfigDict:
-    """Where the encoder comes from: one of our weight directories (``format`` empty: the pretrain task's
-    ``<workdir>/model`` or a ``python -m beitv2_jax.convert`` output) or a PyTorch file with its layout
-    (``official_beitv2``, ``official_finetune``, ``timm``, ``hf_beit``, ...)."""
+    """Where the encoder comes from: one of our weight directories (the pretrain task's ``<workdir>/model`` or a
+    ``python -m beitv2_jax.convert`` output), a Hugging Face folder, a PyTorch file (``format``: its layout,
+    ``official_beitv2``, ``timm``, ``hf_beit``, ...; detected from the keys when empty) or an official name
+    (``beitv2_jax.registry.names()``, e.g. ``beitv2_base_patch16_224_pt1k``), all read by ``api.load_weights``."""
     return ml_collections.ConfigDict({"checkpoint": "", "format": ""})
 
 
@@ -414,3 +418,37 @@ def mcbeit_pretrain(epochs: int = 800) -> ml_collections.ConfigDict:
     c.targets = "multi_choice"  # ω 0.2, tokenizer temperature 4.0, similarity temperature 1.0, no stop-gradient
     c.optim.update(b2=0.98)
     return c
+
+
+# Names that are not file stems in configs/.
+RECIPE_ALIASES = {"beitv2_demo": "demo"}
+
+
+def recipes_dir() -> str:
+    """The recipe folder: ``beitv2_jax.configs`` of an installed package (pyproject maps it to ``configs/``), else
+    the ``configs/`` of the source tree this package was imported from."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("beitv2_jax.configs")
+    except ModuleNotFoundError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def recipe_names() -> list:
+    return sorted(f[:-3] for f in os.listdir(recipes_dir()) if f.endswith(".py") and not f.startswith("_"))
+
+
+def resolve_config_arg(value: str) -> str:
+    """``--config`` value → a file path: an existing file as given, else a recipe name (``demo``,
+    ``finetune_base:300``) as the packaged ``configs/<name>.py`` (the ``:arg`` suffix kept); unknown names as given
+    (the caller reports a missing file)."""
+    path, sep, arg = value.partition(":")
+    if os.path.exists(path) or os.sep in path or path.endswith(".py"):
+        return value
+    name = RECIPE_ALIASES.get(path, path)
+    candidate = os.path.join(recipes_dir(), f"{name}.py")
+    return candidate + sep + arg if os.path.isfile(candidate) else value

@@ -3,7 +3,7 @@
 ::
 
   python -m beitv2_jax.tokenize --checkpoint TOKENIZER_DIR --images a.jpg b.png photos/ \\
-      [--output OUT_DIR] [--size 224] [--crop-pct 0.875] [--batch-size 16]
+      [--output OUT_DIR] [--size 224] [--crop_pct 0.875] [--batch_size 16]
 
 ``TOKENIZER_DIR`` is a tokenizer written by the ``vqkd`` task (``<workdir>/tokenizer``) or by
 ``python -m beitv2_jax.convert --format official_vqkd``. A directory given to ``--images`` contributes its image
@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="directory for tokens.json, tokens.npy and the token-map PNGs")
     p.add_argument("--size", type=int,
                    help="crop size in pixels (default: the tokenizer's image size; must equal it)")
-    p.add_argument("--crop-pct", type=float, default=0.875,
+    p.add_argument("--crop_pct", "--crop-pct", type=float, default=0.875,
                    help="resize the shorter side to int(size / crop_pct) before the centre crop (default 0.875)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=16,
+                   help="images per forward pass (default 16)")
     return p
 
 
@@ -104,15 +105,14 @@ def read_tokenizer_config(directory: str) -> dict:
 
 def load_tokenizer(directory: str):
     """``(VQKD model, variables)`` from a tokenizer directory, with one-line errors."""
-    from beitv2_jax.convert import store
-    from beitv2_jax.models import vqkd
+    from beitv2_jax import api
 
-    config = read_tokenizer_config(directory)
+    read_tokenizer_config(directory)
     try:
-        variables, _, _ = store.load_variables(directory)
+        tokenizer = api.load_tokenizer(directory)
     except (FileNotFoundError, ValueError) as e:
         raise TokenizeError(f"cannot load the tokenizer in {directory}: {e}") from e
-    return vqkd.build_vqkd(config), variables
+    return tokenizer.module, tokenizer.variables
 
 
 # ----------------------------------------------------------------------------------------------- tokens
@@ -173,9 +173,9 @@ def write_outputs(directory: str, paths: Sequence[str], images, ids, num_codes: 
 def crop_size(args, config: dict) -> int:
     """The crop size: ``--size`` or the tokenizer's image size; other options checked on the way."""
     if args.batch_size < 1:
-        raise TokenizeError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise TokenizeError(f"--batch_size must be at least 1, got {args.batch_size}")
     if not 0 < args.crop_pct <= 1:
-        raise TokenizeError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+        raise TokenizeError(f"--crop_pct must be in (0, 1], got {args.crop_pct}")
     native = int(config.get("image_size", 224))
     size = native if args.size is None else args.size
     if size != native:

@@ -420,11 +420,15 @@ def validate_stage(config: ConfigDict, task: str, parent: Optional[ConfigDict] =
 
 
 def validate_pretrained(config: ConfigDict) -> None:
-    """The encoder to evaluate must exist: a directory of ours or a PyTorch file with its ``format``."""
+    """The encoder to evaluate must exist: a directory of ours, a Hugging Face folder, a PyTorch file (its
+    ``format`` detected or given) or an official name (``beitv2_jax.registry``)."""
+    from beitv2_jax import registry
+
     ckpt = config.pretrained.get("checkpoint") or ""
-    _require(bool(ckpt) and storage.exists(ckpt),
+    _require(bool(ckpt) and (storage.exists(ckpt) or ckpt in registry.REGISTRY),
              f"config.pretrained.checkpoint={ckpt!r} does not exist: give a model directory written by a training "
-             f"task or `python -m beitv2_jax.convert`, or a .pth/.safetensors file with config.pretrained.format")
+             f"task or `python -m beitv2_jax.convert`, a .pth/.safetensors file (config.pretrained.format is "
+             f"detected when empty) or an official name from beitv2_jax.registry.names()")
 
 
 def validate_config(config: ConfigDict, workdir: Optional[str] = None) -> None:

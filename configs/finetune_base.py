@@ -7,6 +7,8 @@ python -m beitv2_jax.main --config configs/finetune_base.py --workdir DIR \
 python -m beitv2_jax.main --config configs/finetune_base.py:300 ...          # from the 300-epoch encoder
 python -m beitv2_jax.main --config configs/finetune_base.py ... \
     --config.pretrained.checkpoint=beitv2_base_patch16_224_pt1k.pth --config.pretrained.format=official_beitv2
+python -m beitv2_jax.main --config finetune_base ... --config.pretrained.checkpoint=beitv2_base_patch16_224_pt1k
+                                                          # the official checkpoint by name (downloaded once)
 """
 from beitv2_jax import recipes
 

@@ -544,7 +544,7 @@ def test_cli_import_pth_and_export_timm(tmp_path):
     from beitv2_jax.convert.layouts import timm_model_args
 
     name, kwargs = timm_model_args(cfg)
-    assert name == "Beit" and f"timm: Beit(" in out.stdout
+    assert name == "Beit" and "timm: timm.models.beit.Beit(" in out.stdout
     model = Beit(**kwargs)
     exported = load_file(str(tmp_path / "timm.safetensors"))
     model.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)

@@ -103,22 +103,26 @@ def test_pretrained_encoder_to_timm(pretrained_dir, tmp_path, rel_pos):
 
 
 def test_pretrained_encoder_to_hf(pretrained_dir, tmp_path):
+    """The one export command gives a pretrained encoder the masked-image-modeling head (as convert --export did);
+    its final norm is the MIM model's ``layernorm``."""
     out = tmp_path / "hf" / "model.safetensors"
     info = export.export_checkpoint(pretrained_dir, "hf", str(out))
-    assert info["hf_config"]["architectures"] == ["BeitModel"]
-    ref, loading = transformers.BeitModel.from_pretrained(str(out.parent), output_loading_info=True,
-                                                           attn_implementation="eager")
-    assert not loading["missing_keys"] and not loading["unexpected_keys"]
+    assert info["hf_config"]["architectures"] == ["BeitForMaskedImageModeling"]
+    assert {"params/cls_pt_layers_0", "params/cls_pt_layers_1"} == set(info["left_out"])
+    ref, loading = transformers.BeitForMaskedImageModeling.from_pretrained(
+        str(out.parent), output_loading_info=True, attn_implementation="eager")
+    assert not any(loading[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), loading
     x, x_torch = images(4)
     with torch.no_grad():
-        hidden = ref.eval()(pixel_values=x_torch).last_hidden_state.numpy()
+        hidden = ref.eval().layernorm(ref.beit(pixel_values=x_torch).last_hidden_state).numpy()
     assert_close(our_outputs(pretrained_dir, x)["encoded"], hidden)
 
 
 def test_cli(finetuned_dir, tmp_path, capsys):
     out = str(tmp_path / "model.safetensors")
     assert export.main(["--checkpoint", finetuned_dir, "--format", "timm", "--output", out]) == 0
-    assert "timm.models.beit.Beit(" in capsys.readouterr().out and os.path.isfile(out)
+    printed = capsys.readouterr().out
+    assert "timm: timm.models.beit.Beit(" in printed and os.path.isfile(out)
     assert export.main(["--checkpoint", finetuned_dir, "--format", "timm", "--output", out]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert export.main(["--checkpoint", str(tmp_path / "missing"), "--format", "hf", "--output", out,

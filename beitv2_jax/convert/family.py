@@ -276,7 +276,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--input", required=True, help="encoder.pkl (dall-e) or an iBOT checkpoint .pth")
     parser.add_argument("--output", required=True, help="output directory (our converted-weights format)")
     parser.add_argument("--key", default="teacher", help="official_ibot: teacher | student (default teacher)")
-    parser.add_argument("--image-size", type=int, default=112, help="dalle_encoder: tokenizer view size (112)")
+    parser.add_argument("--image_size", "--image-size", type=int, default=112,
+                        help="dalle_encoder: tokenizer view size (112)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if storage.exists(args.output) and not args.overwrite:

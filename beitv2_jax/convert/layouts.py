@@ -421,7 +421,7 @@ def timm_model_args(cfg: Mapping) -> tuple:
                                      cfg["use_fc_norm"])
 
 
-def hf_beit_config(kind: str, cfg: Mapping) -> dict:
+def hf_beit_config(kind: str, cfg: Mapping, labels=None) -> dict:
     """A ``BeitConfig`` dict (``config.json``) for an ``hf_beit`` export."""
     mim = kind == "beit_pretrain"
     vit = cfg["backbone"] if mim else cfg
@@ -440,12 +440,69 @@ def hf_beit_config(kind: str, cfg: Mapping) -> dict:
     if mim:
         out.update(vocab_size=cfg["vocab_size"], architectures=["BeitForMaskedImageModeling"])
     elif vit["num_classes"]:
-        out.update(id2label={str(i): f"LABEL_{i}" for i in range(vit["num_classes"])},
-                   label2id={f"LABEL_{i}": i for i in range(vit["num_classes"])},
-                   architectures=["BeitForImageClassification"])
+        out.update(architectures=["BeitForImageClassification"], **_labels(vit["num_classes"], labels))
     else:
         out.update(architectures=["BeitModel"])
     return out
+
+
+def _labels(num_classes: int, labels=None) -> dict:
+    names = list(labels) if labels else [f"LABEL_{i}" for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for a {num_classes}-class head")
+    return dict(id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)})
+
+
+def hf_vit_config(cfg: Mapping, labels=None) -> dict:
+    """A ``ViTConfig`` dict (``config.json``) for an ``hf_vit`` export (no pooler: load with
+    ``add_pooling_layer=False``; a classifier reads the final-normed class token as ours does)."""
+    if (cfg["qkv_bias"] == "qv" or cfg["rel_pos"] != "none" or cfg["layer_scale_init"] > 0 or cfg["ln_pre"]
+            or not cfg["use_abs_pos"] or not cfg["use_cls_token"] or not cfg["use_final_norm"] or cfg["use_fc_norm"]
+            or not cfg["patch_embed_bias"] or cfg["activation"] != "gelu"):
+        raise ValueError("transformers ViT needs absolute positions, a class token, a final norm, GELU, no "
+                         "relative positions, layer scale, fc_norm, ln_pre or q/v-only bias")
+    out = dict(model_type="vit", hidden_size=cfg["width"], num_hidden_layers=cfg["depth"],
+               num_attention_heads=cfg["num_heads"], intermediate_size=int(cfg["width"] * cfg["mlp_ratio"]),
+               hidden_act="gelu", layer_norm_eps=cfg["layer_norm_eps"], image_size=cfg["image_size"],
+               patch_size=cfg["patch_size"], num_channels=3, qkv_bias=cfg["qkv_bias"] == "full",
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if cfg["num_classes"]:
+        return dict(out, architectures=["ViTForImageClassification"], **_labels(cfg["num_classes"], labels))
+    return dict(out, architectures=["ViTModel"])
+
+
+def hf_clip_config(cfg: Mapping) -> dict:
+    """A ``CLIPVisionConfig`` dict (``config.json``) for an ``hf_clip`` export (``CLIPVisionModel``, or
+    ``CLIPVisionModelWithProjection`` when the model has the projection as its bias-free head)."""
+    if (cfg["qkv_bias"] != "full" or cfg["rel_pos"] != "none" or cfg["layer_scale_init"] > 0 or not cfg["ln_pre"]
+            or not cfg["use_abs_pos"] or not cfg["use_cls_token"] or cfg["patch_embed_bias"]
+            or (cfg["num_classes"] and cfg["head_bias"])):
+        raise ValueError("transformers CLIP needs ln_pre, absolute positions, a class token, full qkv bias, no "
+                         "patch-embed bias and a bias-free projection head")
+    out = dict(model_type="clip_vision_model", hidden_size=cfg["width"], num_hidden_layers=cfg["depth"],
+               num_attention_heads=cfg["num_heads"], intermediate_size=int(cfg["width"] * cfg["mlp_ratio"]),
+               hidden_act=cfg["activation"], layer_norm_eps=cfg["layer_norm_eps"], image_size=cfg["image_size"],
+               patch_size=cfg["patch_size"], num_channels=3, attention_dropout=0.0)
+    if cfg["num_classes"]:
+        return dict(out, projection_dim=cfg["num_classes"], architectures=["CLIPVisionModelWithProjection"])
+    return dict(out, architectures=["CLIPVisionModel"])
+
+
+# PIL resampling codes, as transformers' image processors store them.
+_PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+def hf_preprocessor_config(preprocessing: Mapping) -> dict:
+    """``preprocessor_config.json`` for our preprocessing: shorter side to ``int(size / crop_pct)``, centre crop,
+    ``/ 255``, mean/std — the steps of transformers' ``CLIPImageProcessor`` (BEiT's and ViT's processors resize to
+    a square instead, which is not what our models were evaluated with)."""
+    size = int(preprocessing["image_size"])
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+            "size": {"shortest_edge": int(size / preprocessing["crop_pct"])},
+            "resample": _PIL_RESAMPLE[preprocessing["interpolation"]], "do_center_crop": True,
+            "crop_size": {"height": size, "width": size}, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": list(preprocessing["mean"]), "image_std": list(preprocessing["std"]),
+            "do_convert_rgb": True}
 
 
 def describe_state_dict(sd: Mapping[str, np.ndarray]) -> str:

@@ -19,6 +19,21 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_state", "model_ema")
 
 
+class MissingTorchError(ImportError):
+    """PyTorch is needed (a ``.pth``/``.pt``/``.bin`` file) but not installed: one line naming the extra."""
+
+
+def import_torch(path: str):
+    """``torch``, or :class:`MissingTorchError` saying how to get it (the runtime install has no torch)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise MissingTorchError(f"{path}: reading or writing PyTorch pickle files (.pth/.pt/.bin) needs PyTorch, "
+                                f"which is not installed: pip install 'beitv2_jax[torch]' (or use .safetensors)") \
+            from e
+    return torch
+
+
 def _suffix(path: str) -> str:
     for suffix in TORCH_SUFFIXES + SAFETENSORS_SUFFIXES:
         if path.endswith(suffix):
@@ -130,8 +145,7 @@ def _read_state_dict(path: str, trust_pickle: bool) -> tuple:
     else:
         import argparse
 
-        import torch
-
+        torch = import_torch(path)
         if _is_torchscript(path):  # e.g. OpenAI's released CLIP files (ViT-B-16.pt)
             import warnings
 
@@ -145,7 +159,7 @@ def _read_state_dict(path: str, trust_pickle: bool) -> tuple:
             except pickle.UnpicklingError as e:
                 reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 raise ValueError(f"{path}: torch.load(weights_only=True) refused an object in the file ({reason}); "
-                                 f"if you trust the file, allow it with trust_pickle=True (CLI: --trust-pickle)")
+                                 f"if you trust the file, allow it with trust_pickle=True (CLI: --trust_pickle)")
         sd = {k: _tensor_to_numpy(v) if hasattr(v, "detach") else np.asarray(v)
               for k, v in unwrap(checkpoint).items()}
         training_args = _training_args(checkpoint)
@@ -172,8 +186,7 @@ def save_state_dict(path: str, state_dict: Mapping[str, np.ndarray], wrap: Optio
 
             save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp, metadata={"format": "pt"})
         else:
-            import torch
-
+            torch = import_torch(path)
             tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
             torch.save({wrap: tensors} if wrap else tensors, tmp)
         os.replace(tmp, path)

@@ -58,33 +58,16 @@ class Pretrained:
 
 
 def load_pretrained(path: str, fmt: str = "") -> Pretrained:
-    """Our weight directory (``fmt`` empty) or a PyTorch file in layout ``fmt`` (``official_beitv2``, ``timm``,
-    ``hf_beit``, ...) → the encoder (see :func:`as_encoder`)."""
-    from beitv2_jax.convert import engine, store, torch_io
+    """Our weight directory, a Hugging Face folder, a PyTorch file (layout ``fmt``: ``official_beitv2``, ``timm``,
+    ``hf_beit``, ...; detected when empty) or an official checkpoint name → the encoder (see :func:`as_encoder`).
+    Read by ``beitv2_jax.api.load_weights``, the one loader of every model source."""
+    from beitv2_jax import api
 
-    if storage.isdir(path):
-        variables, kind, config = store.load_variables(path)
-    elif storage.isfile(path):
-        if not fmt:
-            raise ValueError(f"{path} is a file: give its checkpoint layout (config.pretrained.format, one of "
-                             f"{sorted(engine.LAYOUTS) or 'the convert formats'})")
-        state_dict, _, training_args = torch_io.load_checkpoint(path)
-        options = torch_io.layout_options(training_args)
-        _, inferred, _ = engine.infer_config(state_dict, fmt, options=options)
-        aggregation = []
-        if engine.unknown_fields(inferred) == ["early_layers"]:
-            # Only the backbone is used here: the aggregation layers, whose input block the checkpoint does not
-            # say (no args.early_layers, non-standard depth), are left out of the conversion.
-            aggregation = sorted(k for k in state_dict if k.startswith("cls_pt_layers."))
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("cls_pt_layers.")}
-        converted = engine.import_state_dict(state_dict, fmt, options=options)
-        variables, kind, config = converted.variables, converted.model_kind, converted.model_config
-        if aggregation:
-            encoder = as_encoder(variables, kind, config)
-            return dataclasses.replace(encoder, patch_aggregation=True, dropped=encoder.dropped + aggregation)
-    else:
-        raise FileNotFoundError(f"pretrained checkpoint not found: {path!r}")
-    return as_encoder(variables, kind, config)
+    weights = api.load_weights(path, fmt or None)
+    encoder = as_encoder(weights.variables, weights.kind, weights.config)
+    if weights.left_out:  # patch-aggregation layers the file could not place: the encoder had them
+        encoder = dataclasses.replace(encoder, patch_aggregation=True, dropped=encoder.dropped + weights.left_out)
+    return encoder
 
 
 def as_encoder(variables: dict, kind: str, config: dict) -> Pretrained:

@@ -171,14 +171,10 @@ def export_tokenizer(directory: str, state, cfg: dict) -> None:
 def load_tokenizer(directory: str, dtype: str | None = None):
     """``(VQKD model, variables)`` from a directory written by ``export_tokenizer`` or the converter; ``dtype``
     (e.g. the run's ``config.dtype``) overrides the stored compute dtype (the quantizer stays float32)."""
-    from beitv2_jax.convert import store
+    from beitv2_jax import api
 
-    variables, kind, cfg = store.load_variables(directory)
-    if kind != "vqkd":
-        raise ValueError(f"{directory} holds a {kind!r} model, not a VQ-KD tokenizer")
-    if dtype is not None:
-        cfg = dict(cfg, dtype=dtype)
-    return vqkd_lib.build_vqkd(cfg), variables
+    tokenizer = api.tokenizer_from_weights(api.load_weights(directory), dtype)
+    return tokenizer.module, tokenizer.variables
 
 
 def _with_teacher(step_fn, teacher_params, state, batch):
