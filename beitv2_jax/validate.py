@@ -525,10 +525,13 @@ def _flatten(tree: Any, prefix: str = "") -> dict:
 
 
 def config_changes(previous: dict, current: dict) -> list[str]:
-    """``['optim.lr: 0.001 → 0.002', ...]`` for the keys (dotted) that differ, operational keys excluded."""
+    """``['optim.lr: 0.001 → 0.002', ...]`` for the keys (dotted) that differ, operational keys excluded. A key that
+    a newer version added at its "off" value (``None``, ``0``: e.g. ``min_steps``, the demo's unset stage data) is
+    no change to a run written before it existed."""
     old, new = _flatten(previous), _flatten(current)
+    added_off = {k for k in set(new) - set(old) if new[k] is None or (new[k] == 0 and not isinstance(new[k], bool))}
     keys = sorted(k for k in set(old) | set(new)
-                  if old.get(k) != new.get(k) and k.rsplit(".", 1)[-1] not in OPERATIONAL_KEYS)
+                  if old.get(k) != new.get(k) and k.rsplit(".", 1)[-1] not in OPERATIONAL_KEYS and k not in added_off)
     return [f"{k}: {old.get(k, '<absent>')!r} → {new.get(k, '<absent>')!r}" for k in keys]
 
 
