@@ -7,6 +7,41 @@ import ml_collections
 from beitv2_jax.data.pipeline import default_data_config
 
 
+def unset_data_section() -> ml_collections.ConfigDict:
+    """Every key of ``default_data_config`` unset (``None``, typed: ``--config.<path>.input_size=32`` parses)."""
+    defaults = default_data_config()
+    return ml_collections.ConfigDict(
+        {key: ml_collections.config_dict.placeholder(defaults.get_type(key)) for key in defaults.keys()})
+
+
+def inherited_stage(stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A demo stage whose ``data`` keys and ``batch_size`` are unset: the demo's ``data`` (and ``stage_data``) and
+    ``batch_size`` apply, and a key set on the stage (``--config.pretrain.data.min_crop_scale=0.4``) wins for that
+    stage only (:func:`demo_stage`)."""
+    stage.data = unset_data_section()
+    stage.batch_size = ml_collections.config_dict.placeholder(int)
+    return stage
+
+
+def demo_stage(stage: ml_collections.ConfigDict, demo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The task config of one demo stage (a copy): the demo's ``data``, then the keys set (not None) in the demo's
+    ``stage_data`` (all three training stages), then those set in the stage's own ``data``; the demo's
+    ``batch_size`` unless the stage sets one; the demo's seed / mesh / allow_config_change."""
+    c = stage.copy_and_resolve_references()
+    with c.unlocked():
+        c.seed = demo.seed
+        c.data = demo.data.copy_and_resolve_references()
+        for layer in (demo.get("stage_data"), stage.get("data")):
+            for key, value in (layer or {}).items():
+                if value is not None:
+                    c.data[key] = value
+        if c.get("batch_size") is None:
+            c.batch_size = demo.batch_size
+        c.mesh = demo.mesh.copy_and_resolve_references()
+        c.allow_config_change = demo.allow_config_change
+    return c
+
+
 def base_run(task: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = task
@@ -19,6 +54,9 @@ def base_run(task: str) -> ml_collections.ConfigDict:
     c.eval_batch_size = 0  # 0 = batch_size
     c.num_epochs = 1
     c.steps_per_epoch = 0  # 0 = len(train split) // batch_size
+    # 0 = off; else the derived steps_per_epoch is raised to ceil(min_steps / num_epochs): a small data set still
+    # gets min_steps steps (a set steps_per_epoch wins; the resolved length is logged at the start of every task)
+    c.min_steps = 0
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
@@ -168,7 +206,7 @@ def beitv2_segment(size: str = "base", init: str = "pt1k") -> ml_collections.Con
         raise ValueError(f"init must be 'pt1k' or 'pt1k_ft21k', got {init!r}")
     base = size == "base"
     c = base_run("segment")
-    del c.num_epochs, c.steps_per_epoch  # iteration-based: num_steps
+    del c.num_epochs, c.steps_per_epoch, c.min_steps  # iteration-based: num_steps
     c.data.dataset = "ade20k"  # ADEChallengeData2016 via prepare-folder; or scene_parse150 (tfds), see README
     c.data.train_split = "train"
     c.data.eval_split = "validation"

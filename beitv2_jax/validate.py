@@ -34,6 +34,8 @@ INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest")
 TEACHER_KINDS = ("clip", "dino", "vit_checkpoint")
 TOKENIZER_KINDS = ("vqkd", "dvae")
 DEMO_STAGES = ("ibot", "vqkd", "pretrain")
+# Data keys every demo stage shares with the demo's evaluation (a per-stage value would break the chain).
+SHARED_DEMO_DATA_KEYS = ("input_size", "second_input_size", "patch_size")
 SEGMENT_MODES = ("slide", "whole")
 TARGETS = ("hard", "multi_choice")
 
@@ -228,7 +230,7 @@ def validate_run_settings(config: ConfigDict) -> None:
                 "max_bad_steps"):
         if key in config:
             _positive_int(config, key)
-    for key in ("steps_per_epoch", "eval_batch_size", "eval_every_steps"):
+    for key in ("steps_per_epoch", "min_steps", "eval_batch_size", "eval_every_steps"):
         value = config.get(key) or 0
         _require(isinstance(value, int) and value >= 0, f"config.{key} must be an integer >= 0, got {value!r}")
     if "dtype" in config:
@@ -366,22 +368,32 @@ def validate_vqkd(config: ConfigDict, standalone: bool) -> None:
                  f"`python -m beitv2_jax.convert` or point to a ViT checkpoint written by this project")
 
 
-def validate_dataset(config: ConfigDict, splits: tuple) -> None:
-    """Each split opens and holds at least one record (and a whole batch when steps_per_epoch is derived)."""
+def validate_dataset(config: ConfigDict, splits: tuple, labels: bool = False, whole_batch: bool = True,
+                     path: str = "config", task: str = "") -> None:
+    """Each split opens (its name resolved: ``sources.resolve_split``) and holds at least one record (and a whole
+    batch when ``whole_batch`` and steps_per_epoch is derived); with ``labels`` the dataset has class labels."""
     from beitv2_jax.data import sources
 
     data = config.data
+    if labels:
+        try:
+            labelled = sources.has_labels(data.dataset, data.data_dir)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}.data.dataset={data.dataset!r}: {' '.join(str(e).split())}") from None
+        _require(labelled, f"{path}.data.dataset={data.dataset!r} has no labels (an unlabelled image folder): the "
+                           f"{task or config.get('task')} task needs class labels; prepare a folder of class "
+                           f"sub-folders (docs/own_data.md)")
     for split_key in splits:
         split = data[split_key]
-        where = f"config.data.dataset={data.dataset!r}, config.data.{split_key}={split!r}"
+        where = f"{path}.data.dataset={data.dataset!r}, {path}.data.{split_key}={split!r}"
         try:
             size = len(sources.open_source(data.dataset, split, data.data_dir))
         except FileNotFoundError as e:
             raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
         except (KeyError, ValueError) as e:
-            raise ConfigError(f"{where}: cannot open it ({' '.join(str(e).split())})") from None
+            raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
         _require(size > 0, f"{where}: the split is empty (data_dir={data.data_dir!r})")
-        if split_key == "train_split" and not config.get("steps_per_epoch"):
+        if whole_batch and split_key == "train_split" and not config.get("steps_per_epoch"):
             _require(size >= config.batch_size,
                      f"config.batch_size={config.batch_size} is larger than the {size} records of {where}; lower it "
                      f"or set config.steps_per_epoch")
@@ -439,9 +451,16 @@ def validate_config(config: ConfigDict, workdir: Optional[str] = None) -> None:
         validate_run_settings(config)
         _require(not config.get("profile"), f"config.profile={tuple(config.profile)!r} is per stage in the demo: "
                                             f"use --config.pretrain.profile (or ibot / vqkd) instead")
-        for stage in DEMO_STAGES:
-            validate_stage(config[stage], stage, parent=config)
-        validate_dataset(config, ("train_split", "eval_split"))
+        from beitv2_jax import recipes
+
+        for stage in DEMO_STAGES:  # as the stage will run: the demo's data / batch with the stage's keys on top
+            resolved = recipes.demo_stage(config[stage], config)
+            for key in SHARED_DEMO_DATA_KEYS:
+                _require(resolved.data[key] == config.data[key],
+                         f"config.{stage}.data.{key}={resolved.data[key]!r} differs from config.data.{key}="
+                         f"{config.data[key]!r}: the stages chain (teacher → tokenizer → encoder) and are evaluated "
+                         f"at one size; set config.data.{key} instead")
+            validate_stage(resolved, stage, parent=resolved)
         if "segment" in config:  # its own data (the masks) and batch; the encoder comes from the pretrain stage
             check_keys(config.segment, _reference("segment")(), "config.segment", OPTIONAL_KEYS["segment"])
             validate_stage(config.segment, "segment", parent=config.segment)
@@ -450,13 +469,49 @@ def validate_config(config: ConfigDict, workdir: Optional[str] = None) -> None:
         if reference is not None:
             check_keys(config, reference(), optional=OPTIONAL_KEYS.get(task))
         validate_stage(config, task)
-        if task == "segment":
-            validate_dataset(config, ("train_split", "eval_split"))
-        if "data" in config and task in ("vqkd", "pretrain", "ibot"):
-            needs_eval = task == "vqkd" or (task == "ibot" and config.get("knn_at_end"))
-            validate_dataset(config, ("train_split", "eval_split") if needs_eval else ("train_split",))
+    check_data(config)
     if workdir:
         check_workdir(config, workdir)
+
+
+def data_needs(config: ConfigDict, task: str) -> tuple[tuple, bool, bool]:
+    """What ``task`` reads: ``(split keys, needs labels, needs a whole train batch)``."""
+    if task in ("knn",):
+        return ("train_split", "eval_split"), True, False
+    if task in ("linear_probe", "finetune"):
+        return ("train_split", "eval_split"), True, True
+    if task == "segment":
+        return ("train_split", "eval_split"), False, True
+    if task == "vqkd" and config.get("eval_every_epochs", 1):
+        return ("train_split", "eval_split"), False, True
+    if task == "ibot" and config.get("knn_at_end"):
+        return ("train_split", "eval_split"), True, True
+    return ("train_split",), False, True
+
+
+def check_data(config: ConfigDict) -> None:
+    """Every task's data before any compute: the dataset is prepared, its splits resolve and are not empty, it has
+    labels where the task needs them (k-NN, probes, fine-tuning, the demo's evaluation). The demo checks its
+    evaluation data and each stage's own (``demo.stage_config``: the top-level data with the stage's keys on top);
+    its segmentation stage runs (and is checked) on the built-in data only."""
+    task = config.get("task")
+    if "data" not in config:
+        return
+    if task != "demo":
+        splits, labels, whole = data_needs(config, task)
+        validate_dataset(config, splits, labels, whole)
+        return
+    from beitv2_jax import recipes
+    from beitv2_jax.data import sources
+
+    validate_dataset(config, ("train_split", "eval_split"), labels=True, task="demo evaluation")
+    for stage in DEMO_STAGES:
+        resolved = recipes.demo_stage(config[stage], config)
+        splits, labels, whole = data_needs(resolved, stage)
+        validate_dataset(resolved, splits, labels, whole, path=f"config.{stage}", task=stage)
+    if "segment" in config and config.data.dataset == sources.DEMO_NAME:
+        validate_dataset(config.segment, ("train_split", "eval_split"), path="config.segment")
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -474,10 +529,13 @@ def _flatten(tree: Any, prefix: str = "") -> dict:
 
 
 def config_changes(previous: dict, current: dict) -> list[str]:
-    """``['optim.lr: 0.001 → 0.002', ...]`` for the keys (dotted) that differ, operational keys excluded."""
+    """``['optim.lr: 0.001 → 0.002', ...]`` for the keys (dotted) that differ, operational keys excluded. A key that
+    a newer version added at its "off" value (``None``, ``0``: e.g. ``min_steps``, the demo's unset stage data) is
+    no change to a run written before it existed."""
     old, new = _flatten(previous), _flatten(current)
+    added_off = {k for k in set(new) - set(old) if new[k] is None or (new[k] == 0 and not isinstance(new[k], bool))}
     keys = sorted(k for k in set(old) | set(new)
-                  if old.get(k) != new.get(k) and k.rsplit(".", 1)[-1] not in OPERATIONAL_KEYS)
+                  if old.get(k) != new.get(k) and k.rsplit(".", 1)[-1] not in OPERATIONAL_KEYS and k not in added_off)
     return [f"{k}: {old.get(k, '<absent>')!r} → {new.get(k, '<absent>')!r}" for k in keys]
 
 

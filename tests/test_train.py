@@ -229,7 +229,7 @@ def test_demo_chains_ibot_vqkd_pretrain_and_evaluation(demo_data_dir, tmp_path, 
     assert json.load(open(tmp_path / "vqkd" / "config.json"))["teacher"]["checkpoint"] == str(
         tmp_path / "ibot" / "teacher")
     expected = {"iBOT teacher (cls)", "iBOT ViT, random init (cls)", "BEiT v2 encoder (cls)", "BEiT v2 encoder (mean)",
-                "same encoder, random init (cls)", "same encoder, random init (mean)"}
+                "same encoder, random init (cls)", "same encoder, random init (mean)", demo.RAW_PIXELS}
     assert set(results["knn"]) == expected
     for row in results["knn"].values():
         assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_top1"] <= 100
@@ -244,6 +244,7 @@ def test_demo_chains_ibot_vqkd_pretrain_and_evaluation(demo_data_dir, tmp_path, 
         tags |= {tag for _, tag, _, _ in metrics.read_events(str(tmp_path / stage / "tensorboard"))}
     assert {"train/loss", "data/wait_s", "eval/perplexity", "images/codebook_usage"} <= tags
     assert all(tag.split("/")[0] in ("train", "eval", "data", "images", "text", "_hparams_") for tag in tags)
+    assert json.load(open(tmp_path / "summary.json"))["knn"][demo.RAW_PIXELS] == results["knn"][demo.RAW_PIXELS]
     again = demo.run(c, str(tmp_path))  # finished stages are skipped
     assert again["stage_seconds"]["ibot"] < 1.0 and again["stage_seconds"]["pretrain"] < 1.0
 

@@ -6,7 +6,9 @@ Three kinds of dataset are supported, all opened with :func:`open_source`:
   5,000 train / 1,000 test), made on first use in about a second by :func:`ensure_demo_dataset`.
 * image folders: ``<src>/<class>/*.jpg|png`` (optionally ``<src>/<split>/<class>/...``) converted by
   :func:`prepare_image_folder` (or ``python -m beitv2_jax.data.sources prepare-folder``) into a tfds
-  dataset whose ``image`` feature holds the encoded file bytes.
+  dataset whose ``image`` feature holds the encoded file bytes; ``<src>/*.jpg`` (or ``--unlabeled``) gives an
+  unlabelled dataset (no ``label`` feature) for the self-supervised tasks; ``--holdout F --seed S`` makes a
+  stratified ``val`` split (docs/own_data.md).
 * ``beitv2_demo_seg``: the same shapes with their per-pixel class maps (11 classes: background + the 10 shapes),
   for semantic segmentation (:func:`ensure_demo_seg_dataset`).
 * segmentation folders: ``<src>/images/<split>/*.jpg`` with ``<src>/annotations/<split>/*.png`` label maps of the
@@ -49,6 +51,9 @@ DEMO_SPLIT_SIZES = {'train': 5000, 'test': 1000}
 DEMO_SEG_CLASSES = ('background',) + DEMO_CLASSES  # segmentation ids: 0 background, 1 + shape id
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 _SPLIT_DIR_NAMES = ('train', 'val', 'validation', 'test')
+HOLDOUT_SPLIT = 'val'  # prepare-folder --holdout's split
+# Names of a held-out evaluation split: a config asking for one of them gets the only one a dataset has.
+EVAL_SPLIT_NAMES = ('validation', 'val', 'test')
 MAX_NAMED_BAD_IMAGES = 10
 _DEMO_SEED = 20240717
 _DEMO_CHUNK = 500
@@ -334,58 +339,132 @@ def _subdirs(path: str) -> list[str]:
                   and not d.startswith('.'))
 
 
-def scan_image_folder(src_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+def _direct_images(path: str) -> list[str]:
+    """Image files directly in ``path`` (not in its sub-folders)."""
+    return sorted(os.path.join(path, f) for f in os.listdir(path)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, f)))
+
+
+def _is_unlabeled_dir(path: str) -> bool:
+    """A folder of images without class sub-folders (images directly in it, no sub-folders).
+
+    Raises:
+      ValueError: images directly in the folder *and* sub-folders (the layout does not say which is meant).
+    """
+    direct, subdirs = _direct_images(path), _subdirs(path)
+    if direct and subdirs:
+        raise ValueError(f'{path} holds both images ({len(direct)}) and sub-folders ({", ".join(subdirs[:3])}); '
+                         f'pass --unlabeled to read every image under it without labels, or move the images into '
+                         f'class sub-folders')
+    return bool(direct)
+
+
+def holdout_indices(labels: Sequence[int], fraction: float, seed: int) -> np.ndarray:
+    """Indices (sorted) of a stratified hold-out of ``round(fraction · n)`` of ``n`` items; deterministic in
+    ``seed``.
+
+    Each class (label; -1 = unlabelled, one group) gives its largest-remainder share of the total, its items drawn
+    by a seeded permutation (classes in sorted order, one generator), so the hold-out's class proportions match the
+    data's to within one item per class.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f'--holdout {fraction} must be in (0, 1)')
+    labels = np.asarray(labels, np.int64)
+    classes, counts = np.unique(labels, return_counts=True)
+    total = int(round(fraction * len(labels)))
+    quota = fraction * counts
+    take = np.floor(quota).astype(np.int64)
+    order = sorted(range(len(classes)), key=lambda i: (-(quota[i] - take[i]), i))  # largest remainder first
+    for i in order[:total - int(take.sum())]:
+        take[i] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros((0,), np.int64)
+
+
+def scan_image_folder(src_dir: str, unlabeled: bool = False, holdout: float = 0.0, seed: int = 0,
+                      holdout_split: str = HOLDOUT_SPLIT) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
     """Finds classes and files.
 
+    Layouts: ``<src>/<class>/*`` (labelled), ``<src>/*`` (images directly in the folder: unlabelled), either of
+    them under split folders ``<src>/<split>/...`` when every sub-folder of ``src_dir`` is a split name
+    (train/val/validation/test). With ``unlabeled`` every image under a split folder (sub-folders included) is
+    unlabelled. Unlabelled items carry label -1 (the dataset then has no ``label`` feature).
+    ``holdout`` > 0 moves a seeded, class-stratified ``round(holdout · n)`` of the ``train`` split into
+    ``holdout_split`` (:func:`holdout_indices`); it needs a folder without an evaluation split of its own.
+
     Returns:
-      ``(class_names, {split: [(path, label), ...]})``. If every sub-folder of ``src_dir`` is a split
-      name (train/val/validation/test) those are the splits and classes come from the first split;
-      otherwise the whole folder is the ``train`` split.
+      ``(class_names, {split: [(path, label), ...]})``; ``class_names`` is empty for unlabelled data.
     """
     top = _subdirs(src_dir)
-    if top and all(d in _SPLIT_DIR_NAMES for d in top):
+    if top and all(d in _SPLIT_DIR_NAMES for d in top) and not _direct_images(src_dir):
         split_dirs = {d: os.path.join(src_dir, d) for d in top}
     else:
         split_dirs = {'train': src_dir}
     first = 'train' if 'train' in split_dirs else next(iter(split_dirs))
-    class_names = _subdirs(split_dirs[first])
-    if not class_names:
-        raise ValueError(f'No class sub-folders found in {split_dirs[first]}.')
+    flat = {split: unlabeled or _is_unlabeled_dir(path) for split, path in split_dirs.items()}
+    if len(set(flat.values())) > 1:
+        raise ValueError(f'splits {sorted(s for s, f in flat.items() if f)} hold images without class sub-folders '
+                         f'but {sorted(s for s, f in flat.items() if not f)} have class sub-folders; use one layout '
+                         f'(or --unlabeled for all)')
     splits = {}
+    if flat[first]:
+        class_names = []
+        for split, split_dir in split_dirs.items():
+            splits[split] = [(path, -1) for path in _list_images(split_dir)]
+    else:
+        class_names = _subdirs(split_dirs[first])
+        if not class_names:
+            raise ValueError(f'No class sub-folders or images found in {split_dirs[first]}.')
+        for split, split_dir in split_dirs.items():
+            unknown = set(_subdirs(split_dir)) - set(class_names)
+            if unknown:
+                raise ValueError(f'Split {split!r} has classes not in {first!r}: {sorted(unknown)}')
+            splits[split] = [(path, label) for label, name in enumerate(class_names)
+                             for path in _list_images(os.path.join(split_dir, name))]
     for split, split_dir in split_dirs.items():
-        unknown = set(_subdirs(split_dir)) - set(class_names)
-        if unknown:
-            raise ValueError(f'Split {split!r} has classes not in {first!r}: {sorted(unknown)}')
-        splits[split] = [(path, label) for label, name in enumerate(class_names)
-                         for path in _list_images(os.path.join(split_dir, name))]
         if not splits[split]:
             raise ValueError(f'No images with extensions {IMAGE_EXTENSIONS} found in {split_dir}.')
+    if holdout:
+        others = sorted(set(splits) - {'train'})
+        if others or 'train' not in splits:
+            raise ValueError(f'--holdout needs a folder without split folders other than train; {src_dir} has '
+                             f'{", ".join(others) or "no train split"}')
+        items = splits['train']
+        held = set(holdout_indices([label for _, label in items], holdout, seed).tolist())
+        splits = {'train': [x for i, x in enumerate(items) if i not in held],
+                  holdout_split: [x for i, x in enumerate(items) if i in held]}
+        if not splits['train'] or not splits[holdout_split]:
+            raise ValueError(f'--holdout {holdout} of {len(items)} images leaves an empty split '
+                             f'(train {len(splits["train"])}, {holdout_split} {len(splits[holdout_split])})')
     return class_names, splits
 
 
 class Beitv2ImageFolder(_LocalBuilder, skip_registration=True):
-    """Images from a folder of class sub-folders; ``image`` holds the encoded file bytes."""
+    """Images from a folder of class sub-folders (``label``) or of unlabelled images (no ``label`` feature);
+    ``image`` holds the encoded file bytes. See :func:`scan_image_folder` for the layouts and the hold-out."""
 
     name = IMAGE_FOLDER_NAME
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
-    def __init__(self, *, src_dir: str, verify: bool = True, **kwargs):
+    def __init__(self, *, src_dir: str, verify: bool = True, unlabeled: bool = False, holdout: float = 0.0,
+                 seed: int = 0, **kwargs):
         self._src_dir = os.path.expanduser(src_dir)
-        self._class_names, self._splits = scan_image_folder(self._src_dir)
+        self._class_names, self._splits = scan_image_folder(self._src_dir, unlabeled, holdout, seed)
         self._verify = verify
         self.bad_images: list[str] = []  # files skipped because they cannot be decoded (with verify)
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
+        features = {'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+                    'file_name': tfds.features.Tensor(shape=(), dtype=np.object_)}
+        if self._class_names:
+            features['label'] = tfds.features.ClassLabel(names=self._class_names)
         return self.dataset_info_from_configs(
-            description=f'Image folder {self._src_dir}',
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Tensor(shape=(), dtype=np.object_),
-                'label': tfds.features.ClassLabel(names=self._class_names),
-                'file_name': tfds.features.Tensor(shape=(), dtype=np.object_),
-            }),
-            supervised_keys=('image', 'label'),
+            description=f'Image folder {self._src_dir}' + ('' if self._class_names else ' (unlabelled)'),
+            features=tfds.features.FeaturesDict(features),
+            supervised_keys=('image', 'label') if self._class_names else None,
         )
 
     def _split_generators(self, dl_manager):
@@ -400,7 +479,10 @@ class Beitv2ImageFolder(_LocalBuilder, skip_registration=True):
             if self._verify and not _decodable(data):
                 self.bad_images.append(rel)
                 continue
-            yield rel, {'image': data, 'label': label, 'file_name': rel}
+            record = {'image': data, 'file_name': rel}
+            if self._class_names:
+                record['label'] = label
+            yield rel, record
 
 
 def _decodable(*encoded: bytes) -> bool:
@@ -432,12 +514,15 @@ def preparation_record(name: str, data_dir: str | os.PathLike | None = None) -> 
 
 
 def prepare_image_folder(src_dir: str, data_dir: str | os.PathLike | None = None,
-                         name: str = IMAGE_FOLDER_NAME, overwrite: bool = False, verify: bool = True) -> str:
+                         name: str = IMAGE_FOLDER_NAME, overwrite: bool = False, verify: bool = True,
+                         unlabeled: bool = False, holdout: float = 0.0, seed: int = 0) -> str:
     """Converts an image folder into the array_record tfds dataset ``name`` in ``data_dir``.
 
     A folder with ``images/`` and ``annotations/`` sub-folders is a segmentation folder
     (:func:`scan_segmentation_folder`: records ``image``, ``segmentation``, ``file_name``); any other is a
-    classification folder (:func:`scan_image_folder`: ``image``, ``label``, ``file_name``).
+    classification folder (:func:`scan_image_folder`: ``image``, ``label``, ``file_name``; no ``label`` for a
+    folder of images without class sub-folders or with ``unlabeled``; ``holdout`` > 0: a seeded stratified
+    ``val`` split of that fraction of the images, recorded with ``seed`` in ``PREPARATION_FILE``).
     ``name`` must be a tfds-style name (lower case, digits, underscores). If ``name`` is already prepared there
     from the same folder, nothing is done; from another folder, ``ValueError`` unless ``overwrite`` (then it is
     rebuilt). With ``verify`` every image (and label map) is decoded once: the records that cannot be are left out,
@@ -452,21 +537,31 @@ def prepare_image_folder(src_dir: str, data_dir: str | os.PathLike | None = None
     data_dir = _resolve(data_dir)
     out_dir = storage.join(data_dir, name, str(Beitv2ImageFolder.VERSION))
     remote = storage.is_remote(data_dir)
+    segmentation = is_segmentation_folder(src)
+    if segmentation and (unlabeled or holdout):
+        raise ValueError(f'--unlabeled and --holdout are for classification folders; {src} is a segmentation '
+                         f'folder (images/ and annotations/)')
+    how = {} if segmentation else {'unlabeled': unlabeled, 'holdout': holdout, 'seed': seed}
     with contextlib.nullcontext() if remote else _file_lock(data_dir):
         if storage.exists(storage.join(out_dir, 'dataset_info.json')):
-            before = preparation_record(name, data_dir).get('src')
-            if before in (None, src):  # None: prepared before sources were recorded
+            record = preparation_record(name, data_dir)
+            before = record.get('src')
+            before_how = {k: record.get(k, v) for k, v in (('unlabeled', False), ('holdout', 0.0), ('seed', 0))}
+            same_how = segmentation or before_how == how
+            if before is None or (before == src and same_how):  # None: prepared before sources were recorded
                 return out_dir
             if not overwrite:
-                raise ValueError(f'dataset {name!r} in {data_dir} was prepared from {before}, not {src}; pass '
-                                 f'--overwrite to rebuild it from {src}, or choose another --name')
+                what = (f'from {before}, not {src}' if before != src else
+                        f'with {before_how}, not {how}')
+                raise ValueError(f'dataset {name!r} in {data_dir} was prepared {what}; pass --overwrite to rebuild '
+                                 f'it, or choose another --name')
             storage.rmtree(storage.join(data_dir, name))
         builders = []
-        base = Beitv2SegmentationFolder if is_segmentation_folder(src) else Beitv2ImageFolder
+        base = Beitv2SegmentationFolder if segmentation else Beitv2ImageFolder
 
         def build(builder_data_dir: str):
             builders.append(_folder_builder_class(name, base)(src_dir=src, data_dir=builder_data_dir,
-                                                              file_format='array_record', verify=verify))
+                                                              file_format='array_record', verify=verify, **how))
             return builders[-1]
 
         if remote:  # prepared in a local temporary data_dir, then uploaded
@@ -474,9 +569,12 @@ def prepare_image_folder(src_dir: str, data_dir: str | os.PathLike | None = None
         else:
             _prepare(build(data_dir))
         bad = builders[0].bad_images
+        sizes = {split: len(items) for split, items in builders[0]._splits.items()}  # pylint: disable=protected-access
         storage.write_json(storage.join(out_dir, PREPARATION_FILE),
                            {'src': src, 'verified': verify, 'num_bad_images': len(bad),
-                            'bad_images': bad[:MAX_NAMED_BAD_IMAGES]}, indent=2)
+                            'bad_images': bad[:MAX_NAMED_BAD_IMAGES], **how,
+                            'holdout_split': HOLDOUT_SPLIT if holdout else None,
+                            'scanned_split_sizes': sizes}, indent=2)
     if bad:
         shown = ', '.join(bad[:MAX_NAMED_BAD_IMAGES]) + (', ...' if len(bad) > MAX_NAMED_BAD_IMAGES else '')
         logging.warning('left out %d image(s) of %s that cannot be decoded: %s', len(bad), src, shown)
@@ -591,6 +689,53 @@ def _not_prepared_error(name: str, data_dir: str) -> FileNotFoundError:
         f'Dataset {name!r} is not prepared in data_dir={data_dir!r}. Build it with:\n  {how}')
 
 
+def resolve_split(split: str, available: Sequence[str]) -> str:
+    """The split of ``available`` that ``split`` names. A held-out name (``EVAL_SPLIT_NAMES``: validation, val,
+    test) that the dataset lacks resolves to the only held-out split it has (a recipe's ``validation`` reads a
+    prepared folder's ``val``); a tfds slice (``train[:90%]``) keeps its slice.
+
+    Raises:
+      ValueError: one line naming the split, the candidates (ambiguous) or the splits there are (missing).
+    """
+    base, bracket, rest = split.partition('[')
+    if base in available or '+' in split:
+        return split
+    candidates = [s for s in EVAL_SPLIT_NAMES if s in available] if base in EVAL_SPLIT_NAMES else []
+    if len(candidates) == 1:
+        if (base, candidates[0]) not in _RESOLVED_SPLITS:
+            _RESOLVED_SPLITS.add((base, candidates[0]))
+            logging.info('split %r is not in the dataset: reading its only held-out split %r', base, candidates[0])
+        return candidates[0] + bracket + rest
+    if candidates:
+        raise ValueError(f'split {base!r} is ambiguous: the dataset has {", ".join(candidates)}; name one of them')
+    raise ValueError(f'split {base!r} does not exist; the dataset has {", ".join(sorted(available)) or "none"}')
+
+
+_RESOLVED_SPLITS: set = set()
+
+
+def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    """The prepared builder of ``name`` in (resolved) ``data_dir`` (demo sets generated on first use)."""
+    if name == DEMO_NAME:
+        ensure_demo_dataset(data_dir)
+        return Beitv2Demo(data_dir=data_dir)
+    if name == DEMO_SEG_NAME:
+        ensure_demo_seg_dataset(data_dir)
+        return Beitv2DemoSeg(data_dir=data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise _not_prepared_error(name, data_dir) from None
+    if not builder.is_prepared():
+        raise _not_prepared_error(name, data_dir)
+    return builder
+
+
+def has_labels(name: str, data_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the prepared dataset ``name`` has a ``label`` feature (an unlabelled image folder has none)."""
+    return 'label' in _builder(name, _resolve(data_dir)).info.features
+
+
 def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
     """Returns the random-access data source (``len`` + ``__getitem__`` of feature dicts).
 
@@ -598,35 +743,35 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     (``tfds build imagenet2012 --manual_dir=... --file_format=array_record``; that step needs
     TensorFlow, reading does not). Folder datasets are read from their files on disk.
 
+    ``split`` is resolved by :func:`resolve_split` (``validation`` reads ``val`` when that is the only held-out
+    split).
+
     Raises:
       FileNotFoundError: naming the dataset, the data_dir and the command to build it.
+      ValueError: a split that does not exist or is ambiguous (one line).
     """
-    data_dir = _resolve(data_dir)
-    if name == DEMO_NAME:
-        ensure_demo_dataset(data_dir)
-        return Beitv2Demo(data_dir=data_dir).as_data_source(split=split)
-    if name == DEMO_SEG_NAME:
-        ensure_demo_seg_dataset(data_dir)
-        return Beitv2DemoSeg(data_dir=data_dir).as_data_source(split=split)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise _not_prepared_error(name, data_dir) from None
-    if not builder.is_prepared():
-        raise _not_prepared_error(name, data_dir)
-    return builder.as_data_source(split=split)
+    builder = _builder(name, _resolve(data_dir))
+    return builder.as_data_source(split=resolve_split(split, list(builder.info.splits)))
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog='python -m beitv2_jax.data.sources')
     commands = parser.add_subparsers(dest='command', required=True)
     folder = commands.add_parser('prepare-folder', help='convert an image folder to a tfds dataset')
-    folder.add_argument('--src', required=True, help='folder of class sub-folders (or split folders), or a '
+    folder.add_argument('--src', required=True, help='folder of class sub-folders, or of images '
+                        '(unlabelled), either one optionally under split folders train/val/test, or a '
                         'segmentation folder with images/<split>/ and annotations/<split>/')
     folder.add_argument('--data_dir', default=None, help='tfds data_dir (default $TFDS_DATA_DIR)')
     folder.add_argument('--name', default=IMAGE_FOLDER_NAME, help='dataset name to create')
     folder.add_argument('--overwrite', action='store_true',
                         help='rebuild NAME when it was prepared from another --src')
+    folder.add_argument('--unlabeled', action='store_true',
+                        help='every image under --src (sub-folders included) without labels, for self-supervised '
+                        'pretraining (a folder with images directly in it and no sub-folders is read so anyway)')
+    folder.add_argument('--holdout', type=float, default=0.0,
+                        help='fraction of the images moved into a "val" split (stratified by class, seeded by '
+                        '--seed) when the folder has no split folders of its own; 0 = none')
+    folder.add_argument('--seed', type=int, default=0, help='seed of the --holdout draw')
     folder.add_argument('--skip_verify', action='store_true',
                         help='do not decode every image once at preparation (bad ones are then skipped in training)')
     demo = commands.add_parser('prepare-demo', help='generate the built-in demo datasets (classes and masks)')
@@ -635,7 +780,8 @@ def _main(argv: Sequence[str] | None = None) -> None:
     if args.command == 'prepare-folder':
         try:
             out_dir = prepare_image_folder(args.src, args.data_dir, name=args.name, overwrite=args.overwrite,
-                                           verify=not args.skip_verify)
+                                           verify=not args.skip_verify, unlabeled=args.unlabeled,
+                                           holdout=args.holdout, seed=args.seed)
         except (ValueError, OSError) as e:
             print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
             sys.exit(2)
@@ -643,6 +789,8 @@ def _main(argv: Sequence[str] | None = None) -> None:
         if record.get('num_bad_images'):
             print(f"{record['num_bad_images']} image(s) could not be decoded and were left out: "
                   f"{', '.join(record['bad_images'])}", file=sys.stderr)
+        sizes = ', '.join(f'{k} {v}' for k, v in record.get('scanned_split_sizes', {}).items())
+        print(f"{args.name}: {sizes} images{' (unlabelled)' if 'unlabeled' in record and not has_labels(args.name, args.data_dir) else ''}", file=sys.stderr)
         print(out_dir)
     else:
         ensure_demo_dataset(args.data_dir)

@@ -60,14 +60,42 @@ def num_examples(data_config, split: str) -> int:
     return len(sources.open_source(data_config.dataset, split, data_config.data_dir))
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
-    """``config.steps_per_epoch`` if set, else ``len(train split) // batch_size`` (the official count)."""
-    if config.get("steps_per_epoch"):
-        return int(config.steps_per_epoch)
+def resolve_steps(num_records: int, batch_size: int, num_epochs: int, steps_per_epoch: int = 0,
+                  min_steps: int = 0) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)``: ``steps_per_epoch`` if set (it wins), else ``num_records // batch_size``
+    (the official count) raised to ``ceil(min_steps / num_epochs)``, so that a small data set still gets at least
+    ``min_steps`` steps (an "epoch" is then that many batches of the endless shuffled stream; warm-ups and other
+    schedules given in epochs keep their share of the run)."""
+    if steps_per_epoch:
+        return int(steps_per_epoch), int(steps_per_epoch) * int(num_epochs)
+    per_epoch = num_records // batch_size
+    if min_steps:
+        per_epoch = max(per_epoch, -(-int(min_steps) // int(num_epochs)))
+    return per_epoch, per_epoch * int(num_epochs)
+
+
+def budget_line(task: str, num_records: int, batch_size: int, num_epochs: int, per_epoch: int, total: int,
+                note: str = "") -> str:
+    """One line of the resolved training length, e.g. ``pretrain: 1400 train images, batch 128, 16 epochs × 39
+    steps → 624 steps (raised to min_steps 624 from 10 steps/epoch)``."""
+    return (f"{task}: {num_records} train images, batch {batch_size}, {num_epochs} epochs × {per_epoch} steps → "
+            f"{total} steps" + (f" ({note})" if note else ""))
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, task: str = "") -> int:
+    """Steps per epoch of a training task (:func:`resolve_steps` of ``config.steps_per_epoch``,
+    ``config.min_steps`` and the train split's size); logs the resolved budget (:func:`budget_line`)."""
     n = num_examples(config.data, config.data.train_split)
-    if n < config.batch_size:
+    if not config.get("steps_per_epoch") and n < config.batch_size:
         raise ValueError(f"the train split has {n} images, fewer than config.batch_size={config.batch_size}")
-    return n // config.batch_size
+    fixed, min_steps = config.get("steps_per_epoch") or 0, config.get("min_steps") or 0
+    per_epoch, total = resolve_steps(n, config.batch_size, config.num_epochs, fixed, min_steps)
+    note = ("config.steps_per_epoch" if fixed else
+            f"raised to min_steps {min_steps} from {n // config.batch_size} steps/epoch"
+            if per_epoch > n // config.batch_size else "")
+    logging.info("%s", budget_line(task or config.get("task", "?"), n, config.batch_size, config.num_epochs,
+                                   per_epoch, total, note))
+    return per_epoch
 
 
 def eval_pass(fn: Callable, iterator: Iterator[dict], mesh, desc: str = "eval") -> list:

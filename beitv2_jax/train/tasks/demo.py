@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from beitv2_jax import storage
-from beitv2_jax.data import on_device, pipeline
+from beitv2_jax.data import on_device, pipeline, sources
 from beitv2_jax.models import teachers as teachers_lib
 from beitv2_jax.models import vit
 from beitv2_jax.train import metrics as metrics_lib
@@ -49,12 +49,12 @@ def save_random_vit(directory: str, image_size: int, patch_size: int, width: int
 
 
 def stage_config(stage: ml_collections.ConfigDict, config: ml_collections.ConfigDict, **overrides):
-    c = stage.copy_and_resolve_references()
+    """``recipes.demo_stage`` (the demo's data / batch / seed / mesh with the stage's own keys on top), then
+    ``overrides`` (``{"section.key": value}``)."""
+    from beitv2_jax import recipes
+
+    c = recipes.demo_stage(stage, config)
     with c.unlocked():
-        c.seed = config.seed
-        c.data = config.data.copy_and_resolve_references()
-        c.mesh = config.mesh.copy_and_resolve_references()
-        c.allow_config_change = config.allow_config_change
         for path, value in overrides.items():
             section, key = path.split(".")
             c[section][key] = value
@@ -73,6 +73,15 @@ def beit_features(model_cfg: dict, params, pooling: str):
         return x[:, 0] if pooling == "cls" else x[:, 1:].mean(1)
 
     return features, bb
+
+
+RAW_PIXELS = "raw pixels (input view)"
+
+
+def raw_pixel_features(images):
+    """The baseline feature ``[B, H·W·3]``: the model's input view (the eval transform's normalised pixels),
+    flattened."""
+    return images.reshape(images.shape[0], -1)
 
 
 def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_dir: str, mesh) -> dict:
@@ -97,6 +106,7 @@ def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_d
                                                       desc=f"{name}: linear probe")
         results[name].update(linear_top1=probe_result["top1"], linear_top5=probe_result["top5"])
 
+    knn_of(RAW_PIXELS, raw_pixel_features)
     teacher = finetune.load_pretrained(teacher_dir)
     teacher_encoder = linear_probe.encoder_model(teacher)
     teacher_features = linear_probe.feature_fn(teacher_encoder, "cls")
@@ -206,6 +216,10 @@ def print_summary(results: dict, stage_times: dict, workdir: str) -> str:
         for label, pre, rnd in pairs:
             lines.append(f"  {label:<48} {pre.get('linear_top1', nan):7.2f} {rnd.get('linear_top1', nan):7.2f}  "
                          f"{pre['knn_top1']:7.2f} {rnd['knn_top1']:7.2f}")
+    raw = evals.get(RAW_PIXELS)
+    if raw:  # no random-init twin: its numbers under the trained columns
+        lines.append(f"  {'baseline: raw pixels of the input view':<48} {raw.get('linear_top1', nan):7.2f} {'':>7}  "
+                     f"{raw['knn_top1']:7.2f}")
     sg = results.get("segment", {})
     if sg.get("pretrained") and sg.get("random_init"):
         header = f"segmentation ({sg['pretrained']['num_images']} test images, 11 classes)"
@@ -317,7 +331,10 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     results["ibot"] = {**final_metrics(ibot_dir), **_first_and_last(ibot_dir, "loss")}
     results["vqkd"] = {**final_metrics(vqkd_dir), **_first_and_last(vqkd_dir, "rec_loss")}
     results["pretrain"] = {**final_metrics(pretrain_dir), **_first_and_last(pretrain_dir, "loss")}
-    if "segment" in config:
+    if "segment" in config and config.data.dataset != sources.DEMO_NAME:
+        logging.info("segment stage skipped: it trains on the built-in shapes' masks (config.data.dataset=%r)",
+                     config.data.dataset)
+    elif "segment" in config:
         start = time.perf_counter()
         results["segment"] = segment_stage(config, workdir, model_dir)
         times["segment"] = time.perf_counter() - start

@@ -85,6 +85,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params = jax.device_put(pretrained.params, sharding.replicated(mesh))
     features = linear_probe.feature_fn(model, feature)
     batch = config.get("eval_batch_size") or config.batch_size
+    logging.info("knn: %d train images → %d eval images, batch %d",
+                 common.num_examples(config.data, config.data.train_split),
+                 common.num_examples(config.data, config.data.eval_split), batch)
     train = extract_features(features, config.data, config.data.train_split, batch, mesh, params)
     test = extract_features(features, config.data, config.data.eval_split, batch, mesh, params)
     num_classes = int(config.get("num_classes") or max(train[1].max(), test[1].max()) + 1)

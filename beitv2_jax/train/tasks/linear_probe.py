@@ -305,6 +305,9 @@ def _run_cached(config, features, params, eval_batch, mesh, writer) -> dict:
     train = knn.extract_features(features, config.data, config.data.train_split, eval_batch, mesh, params)
     test = knn.extract_features(features, config.data, config.data.eval_split, eval_batch, mesh, params)
     num_classes = _num_classes(config, train[1], test[1])
+    batch = min(config.batch_size, len(train[1]))
+    logging.info("%s", common.budget_line("linear_probe (cached features)", len(train[1]), batch, config.num_epochs,
+                                          len(train[1]) // batch, len(train[1]) // batch * config.num_epochs))
     settings = ProbeSettings(config.num_epochs, config.batch_size, config.optim.to_dict(), config.seed,
                              config.probe.get("standardize", False))
 

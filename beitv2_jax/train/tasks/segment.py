@@ -215,6 +215,9 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     params = variables["params"]
     o = config.optim
     total_steps = int(config.num_steps)
+    n = common.num_examples(config.data, config.data.train_split)
+    logging.info("segment: %d train images, batch %d, num_steps %d (%.1f epochs)", n, config.batch_size,
+                 total_steps, total_steps * config.batch_size / max(n, 1))
     schedule = optim.poly_schedule(o.lr, total_steps, o.power, o.min_lr, o.warmup_steps, o.warmup_ratio)
     lr_scale = layer_decay.scale_by_layer_decay(params, cfg["backbone"]["depth"], o.layer_decay,
                                                 layer_id_fn=layer_decay.segmentation_layer_id)
