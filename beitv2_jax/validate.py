@@ -458,8 +458,8 @@ def validate_config(config: ConfigDict, workdir: Optional[str] = None) -> None:
             for key in SHARED_DEMO_DATA_KEYS:
                 _require(resolved.data[key] == config.data[key],
                          f"config.{stage}.data.{key}={resolved.data[key]!r} differs from config.data.{key}="
-                         f"{config.data[key]!r}: the stages chain (teacher → tokenizer → encoder) and are evaluated "
-                         f"at one size; set config.data.{key} instead")
+                         f"{config.data[key]!r}: the stages chain (teacher → tokenizer → encoder) and are "
+                         f"evaluated at one size; set config.data.{key} instead")
             validate_stage(resolved, stage, parent=resolved)
         if "segment" in config:  # its own data (the masks) and batch; the encoder comes from the pretrain stage
             check_keys(config.segment, _reference("segment")(), "config.segment", OPTIONAL_KEYS["segment"])

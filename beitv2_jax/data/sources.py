@@ -790,7 +790,8 @@ def _main(argv: Sequence[str] | None = None) -> None:
             print(f"{record['num_bad_images']} image(s) could not be decoded and were left out: "
                   f"{', '.join(record['bad_images'])}", file=sys.stderr)
         sizes = ', '.join(f'{k} {v}' for k, v in record.get('scanned_split_sizes', {}).items())
-        print(f"{args.name}: {sizes} images{' (unlabelled)' if 'unlabeled' in record and not has_labels(args.name, args.data_dir) else ''}", file=sys.stderr)
+        unlabelled = 'unlabeled' in record and not has_labels(args.name, args.data_dir)
+        print(f"{args.name}: {sizes} images{' (unlabelled)' if unlabelled else ''}", file=sys.stderr)
         print(out_dir)
     else:
         ensure_demo_dataset(args.data_dir)
