@@ -41,7 +41,7 @@ def run_bench(config: ml_collections.ConfigDict, *, stage: Optional[str] = None,
     device = jax.devices()[0]
     result: dict = {
         "task": config.task, "stage": stage, "batch_size": batch_size, "dtype": config.get("dtype", "float32"),
-        "frozen_dtype": frozen_dtype, "attention_impl": config.model.get("attention_impl", "einsum"),
+        "frozen_dtype": frozen_dtype, "attention_impl": config.model.get("attention_impl", "auto"),
         "remat_policy": config.model.get("remat_policy", "none"), "device": device.device_kind,
         "platform": device.platform, "num_devices": jax.device_count(), "jax_version": jax.__version__,
         "num_params": work.num_params, "frozen": dataclasses.asdict(frozen), "frozen_params": work.frozen_params,
