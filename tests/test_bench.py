@@ -151,7 +151,7 @@ def _task_layer_flops(work):
     """Forward FLOPs per image of the float32 task layers (×3 with backward for the trained tokenizer)."""
     a = work.arch
     if work.task == "pretrain":
-        t, n = a["tokenizer"], (a["tokenizer"]["image_size"] // a["tokenizer"]["patch_size"]) ** 2
+        t, n = a["tokenizer"], a["num_masked"]  # the tokenizer's task layer runs on the masked patches only
         return bench.dense_flops(n, t["width"], t["width"]) + bench.dense_flops(n, t["width"], dict(t["extra"])[
             "code_dim"])
     n = (a["image_size"] // a["patch_size"]) ** 2

@@ -67,7 +67,8 @@ def make_train_step(model: beit_lib.BEiTPretrainModel, tokenizer, tx, schedule,
         return targets_lib.labels_and_loss(out, tokens, settings)
 
     def train_step(state: state_lib.TrainState, batch: dict, tokenizer_variables):
-        tokens = tokenizer.outputs(tokenizer_variables, batch["tokenizer_image"], settings.soft)
+        positions = beit_lib.masked_positions(batch["mask"], model.num_masked_patches)  # = the model's positions
+        tokens = tokenizer.outputs(tokenizer_variables, batch["tokenizer_image"], settings.soft, positions)
         rng = state_lib.step_rng(state, "dropout")
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tokens, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
