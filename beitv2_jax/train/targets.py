@@ -60,7 +60,7 @@ def hard_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return (jnp.argmax(logits, -1) == labels).astype(jnp.float32).mean()
+    return (quantizer.first_argmax(logits, -1) == labels).astype(jnp.float32).mean()
 
 
 # ----------------------------------------------------------------------------------------------- settings
