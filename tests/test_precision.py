@@ -25,7 +25,7 @@ from beitv2_jax.train.tasks import vqkd as vqkd_task
 SIZE, PATCH, DEPTH = 32, 8, 2
 TEACHER = dict(image_size=SIZE, patch_size=PATCH, width=32, depth=DEPTH, num_heads=2, qkv_bias="full",
                use_abs_pos=True, use_final_norm=True, pooling="cls")
-MATMULS_PER_BLOCK = 6  # qkv, q·k, p·v, proj, fc1, fc2
+MATMULS_PER_BLOCK = 8  # q, k, v (three dots of the qkv kernel slices), q·k, p·v, proj, fc1, fc2
 PATCH_EMBED_MATMULS = 1  # the patch embedding is one dot of the flattened patches (not a convolution)
 
 
