@@ -89,7 +89,7 @@ def beitv2_pretrain(size: str = "base", epochs: int = 1600) -> ml_collections.Co
         "early_layers": 9 if size == "base" else 21,
         "head_layers": 2,
         "init_truncation": 1.0,  # the official pretraining trunc_normal cuts at ±1σ
-        "attention_impl": "einsum",
+        "attention_impl": "auto",
         "remat_policy": "none",
     })
     # kind: vqkd (BEiT v2) | dvae (BEiT v1, the DALL-E encoder); checkpoint: dir from the vqkd task or a converter
@@ -173,7 +173,7 @@ def beitv2_finetune(size: str = "base", pretrain_epochs: int = 1600) -> ml_colle
         "drop_path_rate": (0.2 if long_run else 0.1) if size == "base" else 0.2,
         "head_init_scale": 0.001,
         "init_truncation": 100.0,  # timm trunc_normal_(std=.02) for the new head
-        "attention_impl": "einsum",
+        "attention_impl": "auto",
         "remat_policy": "none",
     })
     if size == "base":
@@ -231,7 +231,7 @@ def beitv2_segment(size: str = "base", init: str = "pt1k") -> ml_collections.Con
         "aux_channels": 256, "aux_num_convs": 1, "aux_in_index": 2,
         "rel_pos": "per_layer",  # the shared pretraining table copied into every block
         "rel_pos_interpolation": "official_cubic",  # 14×14 → 32×32 window as the official loader
-        "attention_impl": "einsum",
+        "attention_impl": "auto",
         "remat_policy": "none",
     })
     c.segmentation = ml_collections.ConfigDict({
@@ -355,7 +355,7 @@ def ibot(size: str = "small") -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 5000
     c.model = ml_collections.ConfigDict({
         "patch_size": 16, "width": 384 if small else 768, "depth": 12, "num_heads": 6 if small else 12,
-        "mlp_ratio": 4.0, "drop_path_rate": 0.1, "attention_impl": "einsum", "remat_policy": "none",
+        "mlp_ratio": 4.0, "drop_path_rate": 0.1, "attention_impl": "auto", "remat_policy": "none",
         "zero_init_cls": False,  # official: class token and position embedding trunc_normal(0.02)
     })
     c.head = ml_collections.ConfigDict({

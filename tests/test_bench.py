@@ -55,6 +55,9 @@ def test_bench_pretrain_tiny_numbers_are_sane(demo_data_dir):
     assert math.isfinite(r["final_loss"])
     text = bench.format_report(r)
     assert "ours (JAX)" in text and "torch eager" in text and "FLOPs/image" in text
+    # The PyTorch settings compared with are pinned, stored and printed; "auto" attention is einsum on CPU.
+    assert r["torch_settings"] == bench.torch_settings("cpu") and "torch settings: autocast off" in text
+    assert r["attention_impl"] == "auto" and r["attention_kernel"] == "einsum"
 
 
 def test_bench_cli_trace_only_with_stage_and_overrides(tmp_path):
@@ -151,7 +154,7 @@ def _task_layer_flops(work):
     """Forward FLOPs per image of the float32 task layers (×3 with backward for the trained tokenizer)."""
     a = work.arch
     if work.task == "pretrain":
-        t, n = a["tokenizer"], (a["tokenizer"]["image_size"] // a["tokenizer"]["patch_size"]) ** 2
+        t, n = a["tokenizer"], a["num_masked"]  # the tokenizer's task layer runs on the masked patches only
         return bench.dense_flops(n, t["width"], t["width"]) + bench.dense_flops(n, t["width"], dict(t["extra"])[
             "code_dim"])
     n = (a["image_size"] // a["patch_size"]) ** 2
@@ -217,3 +220,33 @@ def test_stage_selection_errors():
         bench.stage_config(load_config_file("vqkd_base_clip"), "pretrain")
     assert bench.stage_config(demo, "vqkd").task == "vqkd"
     assert bench.stage_config(demo).task == "pretrain"
+
+
+def test_top_ops_ranks_device_kernels_or_xla_cpu_ops_per_step():
+    """The profile summary of a perfetto trace: device streams when the trace has a device, else XLA:CPU's threads;
+    python/host events never count."""
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "tf_XLAPjRtCpuClient/1"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "python"}}]
+    ops = [{"ph": "X", "pid": 1, "tid": 7, "name": "fusion.1", "dur": 300.0},
+           {"ph": "X", "pid": 1, "tid": 7, "name": "dot.2", "dur": 100.0},
+           {"ph": "X", "pid": 1, "tid": 7, "name": "fusion.1", "dur": 200.0},
+           {"ph": "X", "pid": 1, "tid": 8, "name": "PjitFunction(step)", "dur": 5000.0},
+           {"ph": "X", "pid": 1, "tid": 7, "name": "ThunkExecutor::Execute", "dur": 600.0}]
+    r = bench.top_ops(meta + ops, steps=2, top=5)
+    assert r["where"] == "XLA:CPU threads" and r["total_ms_per_step"] == pytest.approx(0.3)
+    assert [(o["name"], o["count"]) for o in r["ops"]] == [("fusion.1", 1), ("dot.2", 0)]
+    assert r["ops"][0]["ms_per_step"] == pytest.approx(0.25) and r["ops"][0]["share"] == pytest.approx(5 / 6)
+    assert [(k["name"], k["count"]) for k in r["kinds"]] == [("fusion", 1), ("dot", 0)]
+    gpu = meta + [{"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+                  {"ph": "X", "pid": 2, "tid": 1, "name": "cudnn_fmha", "dur": 50.0}]
+    assert [o["name"] for o in bench.top_ops(gpu + ops, steps=1)["ops"]] == ["cudnn_fmha"]
+
+
+def test_torch_settings_are_pinned_for_the_comparison():
+    cuda, cpu = bench.torch_settings("cuda"), bench.torch_settings("cpu")
+    assert cuda["compile_mode"] == "max-autotune" and cuda["autocast"] == "bfloat16" and cuda["channels_last"]
+    assert "MATH" not in cuda["sdpa_backends"] and "CUDNN_ATTENTION" in cuda["sdpa_backends"]
+    assert cpu["autocast"].startswith("off") and not cpu["channels_last"]
+    with pytest.raises(ValueError, match="compile mode"):
+        bench.torch_settings("cuda", "fastest")

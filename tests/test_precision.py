@@ -25,7 +25,8 @@ from beitv2_jax.train.tasks import vqkd as vqkd_task
 SIZE, PATCH, DEPTH = 32, 8, 2
 TEACHER = dict(image_size=SIZE, patch_size=PATCH, width=32, depth=DEPTH, num_heads=2, qkv_bias="full",
                use_abs_pos=True, use_final_norm=True, pooling="cls")
-MATMULS_PER_BLOCK = 6  # qkv, q·k, p·v, proj, fc1, fc2
+MATMULS_PER_BLOCK = 8  # q, k, v (three dots of the qkv kernel slices), q·k, p·v, proj, fc1, fc2
+PATCH_EMBED_MATMULS = 1  # the patch embedding is one dot of the flattened patches (not a convolution)
 
 
 # ----------------------------------------------------------------------------------------------- jaxpr helpers
@@ -39,15 +40,19 @@ def _sub_jaxprs(value):
             yield from _sub_jaxprs(v)
 
 
-def dot_generals(jaxpr):
-    """Every ``dot_general`` equation of a (closed) jaxpr, nested jaxprs (jit, custom_jvp, remat, ...) included."""
+def equations(jaxpr, primitive: str):
+    """Every ``primitive`` equation of a (closed) jaxpr, nested jaxprs (jit, custom_jvp, remat, ...) included."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
+        if eqn.primitive.name == primitive:
             yield eqn
         for value in eqn.params.values():
             for sub in _sub_jaxprs(value):
-                yield from dot_generals(sub)
+                yield from equations(sub, primitive)
+
+
+def dot_generals(jaxpr):
+    return equations(jaxpr, "dot_general")
 
 
 def dot_dtype_counts(jaxpr) -> collections.Counter:
@@ -86,8 +91,8 @@ def test_teacher_dtype_default_is_float32_and_bf16_targets_are_float32(teacher_d
 
     default_jaxpr = jax.make_jaxpr(default.features)(params, images)
     bf16_jaxpr = jax.make_jaxpr(bf16.features)(params, images)
-    assert dot_dtype_counts(default_jaxpr) == {F32: MATMULS_PER_BLOCK * DEPTH}
-    assert dot_dtype_counts(bf16_jaxpr) == {BF16: MATMULS_PER_BLOCK * DEPTH}  # every teacher matmul in bf16
+    assert dot_dtype_counts(default_jaxpr) == {F32: MATMULS_PER_BLOCK * DEPTH + PATCH_EMBED_MATMULS}
+    assert dot_dtype_counts(bf16_jaxpr) == {BF16: MATMULS_PER_BLOCK * DEPTH + PATCH_EMBED_MATMULS}  # every teacher matmul in bf16
     assert bf16_jaxpr.out_avals[0].dtype == jnp.float32  # targets for the cosine loss stay float32
 
     ref, out = jax.jit(lambda p, x: (default.features(p, x), bf16.features(p, x)))(params, images)
@@ -114,7 +119,7 @@ def test_vqkd_train_step_runs_the_teacher_in_bf16(teacher_dir):
         jaxpr = jax.make_jaxpr(step)(state, {"image": images}, tparams)
         counts[dtype] = dot_dtype_counts(jaxpr)
         metrics[dtype] = jax.eval_shape(step, state, {"image": images}, tparams)[1]
-    teacher_matmuls = MATMULS_PER_BLOCK * DEPTH
+    teacher_matmuls = MATMULS_PER_BLOCK * DEPTH + PATCH_EMBED_MATMULS
     assert counts["bfloat16"][BF16] - counts["float32"][BF16] == teacher_matmuls
     assert counts["float32"][F32] - counts["bfloat16"][F32] == teacher_matmuls
     assert counts["bfloat16"][BF16] > teacher_matmuls  # the tokenizer's encoder/decoder are bf16 as well
@@ -260,3 +265,34 @@ def test_cudnn_path_pads_odd_token_counts_without_changing_the_result(monkeypatc
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+
+
+def test_cudnn_vit_pads_the_sequence_once_at_the_embedding_not_qkv_in_every_block(monkeypatch):
+    """The ViT pads 17 tokens to 18 once (a [B, T, D] pad before the blocks); no block pads its q/k/v. Traced on
+    CPU with the cuDNN call routed to the XLA kernel."""
+    original = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, k, v, *, bias, scale, implementation: original(
+        q, k, v, bias=bias.astype(jnp.float32), scale=scale, implementation="xla"))
+    x = jnp.zeros((2, SIZE, SIZE, 3))
+    model = _tiny_vit(attention_impl="cudnn")
+    params = _random_params(model, x)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x)["encoded"])(params)
+    pads = collections.Counter(len(eqn.invars[0].aval.shape) for eqn in equations(jaxpr, "pad"))
+    # The token pad and the shared bias's row and column pads, once for all DEPTH blocks; no [B, T, H, Dh] q/k/v pad.
+    assert pads[3] == 3 and pads[4] == 0, pads
+    assert jaxpr.out_avals[0].shape == (2, (SIZE // PATCH) ** 2 + 1, 64)  # the pad token is dropped again
+
+
+def test_auto_attention_picks_the_platform_kernel():
+    resolve = vit.resolve_attention_impl
+    assert resolve("auto", jnp.float32, 64, "cpu") == "einsum" == resolve("auto", jnp.bfloat16, 64, "cpu")
+    assert resolve("auto", jnp.bfloat16, 64, "gpu") == "cudnn"
+    assert resolve("auto", jnp.float32, 64, "gpu") == "xla"  # cuDNN fused attention takes bf16/fp16 only
+    assert resolve("auto", jnp.bfloat16, 12, "gpu") == "xla"  # head dim not a multiple of 8
+    assert resolve("auto", jnp.bfloat16, 64, "tpu") == "xla"
+    assert resolve("einsum", jnp.bfloat16, 64, "gpu") == "einsum"  # an explicit choice stays
+    assert vit.VisionTransformer().attention_impl == "auto"
+    # Every network is built with "auto" unless told otherwise: the frozen tokenizer and teachers included.
+    tok = vqkd_lib.build_vqkd({"width": 32, "depth": 1, "num_heads": 2, "decoder_depth": 1})
+    assert tok.encoder.attention_impl == tok.decoder.attention_impl == "auto"
+    assert teachers.clip_vit_b16().attention_impl == teachers.dino_vit_b16().attention_impl == "auto"

@@ -329,3 +329,13 @@ def test_module_rejects_wrong_dim():
     m = q.NormEMAQuantizer(num_codes=K, code_dim=D)
     with pytest.raises(ValueError):
         m.init(jax.random.PRNGKey(0), jnp.zeros((2, D + 1)), train=True)
+
+
+def test_first_argmin_and_argmax_are_argmin_and_argmax_with_ties():
+    """The two-reduction argmin/argmax (XLA:CPU runs a variadic reduce scalar by scalar) pick the same, first index,
+    ties included, along any axis."""
+    x = np.round(np.random.default_rng(0).standard_normal((64, 50, 30)), 1).astype(np.float32)  # many exact ties
+    for axis in (-1, 0, 1):
+        np.testing.assert_array_equal(q.first_argmin(jnp.asarray(x), axis), np.argmin(x, axis))
+        np.testing.assert_array_equal(q.first_argmax(jnp.asarray(x), axis), np.argmax(x, axis))
+    assert q.first_argmin(jnp.asarray(x)).dtype == jnp.int32

@@ -298,6 +298,32 @@ def test_injected_nan_is_skipped_counted_and_too_many_stop_the_run(setup):
     assert "the newest checkpoint, step 6 in" in last_line
 
 
+def test_non_finite_guard_fetches_once_per_window_and_a_later_good_step_does_not_hide_the_limit(monkeypatch):
+    """No host sync per step: the flags of a 5-step window come back in one device_get; a streak that reached
+    max_bad_steps (steps 2-3) still stops the run after the good steps 4-5 of the same window, and the first
+    diverged loss (step 9) is reported although step 10 is back to normal."""
+    from beitv2_jax.train import loop
+
+    fetches = []
+    original = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: fetches.append(1) or original(x))
+    guard = loop.NonFiniteGuard(max_bad_steps=2, check_every=5)
+    for step, bad in enumerate([0, 1, 1, 0], start=1):
+        guard.push(step, jnp.float32(bad), jnp.float32(1.0))
+    assert fetches == [] and guard.total == 0  # nothing fetched inside the window
+    guard.push(5, jnp.float32(0), jnp.float32(1.0))
+    assert fetches == [1] and guard.total == 2 and guard.streak == 0 and not guard.suspect
+    with pytest.raises(loop.NonFiniteError, match=r"^2 consecutive steps \(up to step 3\)"):
+        guard.check()
+
+    guard = loop.NonFiniteGuard(max_bad_steps=2, divergence_factor=10.0, check_every=100)
+    for step in range(1, 11):
+        guard.push(step, jnp.float32(0), jnp.float32(1000.0 if step == 9 else 1.0))
+    guard.flush()  # the loop's flush at a logging window or before a save
+    with pytest.raises(loop.DivergenceError, match="diverged at step 9: 1000"):
+        guard.check()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad data.
 # ---------------------------------------------------------------------------------------------------------------

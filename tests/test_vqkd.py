@@ -421,6 +421,11 @@ def test_vqkd_forward_ema_and_gradients_match_official(teacher_kind, decoder_dep
     print(f"{teacher_kind}: code agreement {100 * agree:.1f}% over {ours_idx.size} patches, "
           f"{len(np.unique(theirs_idx))} distinct codes")
     assert agree == 1.0
+    # The pretraining step's masked-only ids (task layer + distances on K of N patches): the same official ids.
+    positions = np.sort(np.random.default_rng(0).permutation(16)[:6])[None].repeat(8, 0)
+    at = jax.jit(lambda v, im, pos: model.apply(v, im, pos, method="get_codebook_indices_at"))(
+        variables, jnp.asarray(x), jnp.asarray(positions))
+    np.testing.assert_array_equal(np.asarray(at), np.take_along_axis(theirs_idx, positions, 1))
     # Eval mode moves only the usage EMA (official `not self.training` branch), never the codebook.
     np.testing.assert_array_equal(np.asarray(eval_state["codebook"]["quantize"]["weight"]),
                                   variables["codebook"]["quantize"]["weight"])

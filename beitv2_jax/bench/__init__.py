@@ -31,10 +31,11 @@ and its report), ``cli`` (flags).
 from beitv2_jax.bench.cli import main, pin_cpus  # noqa: F401
 from beitv2_jax.bench.measure import (  # noqa: F401
     PEAK_TFLOPS, JaxRunner, _cost, _device_peak_bytes, _matmul_flops, _memory_plan, _summary, _walk_eqns,
-    peak_tflops, precision_report)
+    peak_tflops, precision_report, profile_top_ops, top_ops)
 from beitv2_jax.bench.pipeline import SyntheticJpegSource, bench_input_pipeline  # noqa: F401
 from beitv2_jax.bench.run import _fmt_bytes, _fmt_flops, _precision_lines, format_report, run_bench  # noqa: F401
-from beitv2_jax.bench.torch_ref import TorchRunner, _torch_modules, torch_problem, torch_train_step  # noqa: F401
+from beitv2_jax.bench.torch_ref import (  # noqa: F401
+    TORCH_COMPILE_MODES, TorchRunner, _torch_modules, torch_problem, torch_settings, torch_train_step)
 from beitv2_jax.bench.workloads import (  # noqa: F401
     TASKS, FrozenArch, Workload, _encoder_only, _materialise, _random_codebook, _synthetic_mask, analytic_pretrain,
     analytic_vqkd, build_pretrain, build_teacher, build_vqkd, dense_flops, frozen_arch, stage_config,

@@ -5,6 +5,7 @@ import os
 
 from beitv2_jax.bench.pipeline import bench_input_pipeline, bench_pipeline_before_after, format_pipeline
 from beitv2_jax.bench.run import format_report, run_bench
+from beitv2_jax.bench.torch_ref import TORCH_COMPILE_MODES
 from beitv2_jax.bench.workloads import stage_config
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -29,6 +30,8 @@ def _define_flags():
     flags.DEFINE_integer("repeats", 3, "Timed windows (interleaved with the PyTorch runs); the median is reported.")
     flags.DEFINE_enum("compare", None, ["torch"], "Also time the same architecture in PyTorch.")
     flags.DEFINE_bool("torch_compile", True, "With --compare torch: also time torch.compile.")
+    flags.DEFINE_enum("torch_compile_mode", "max-autotune", list(TORCH_COMPILE_MODES),
+                      "torch.compile(mode=...) for the PyTorch reference (printed with its other settings).")
     flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default).")
     flags.DEFINE_integer("cpu_threads", 0, "Pin this process to its first N CPUs before JAX starts, so XLA's and "
                          "torch's thread pools both use N threads (0 = all; use 1 on a shared machine).")
@@ -46,6 +49,8 @@ def _define_flags():
     flags.DEFINE_bool("precision", False, "Also report the step's matmul dtypes and state dtypes (jaxpr).")
     flags.DEFINE_bool("trace_only", False, "Only trace the step on abstract shapes: analytic FLOPs + precision "
                       "report, nothing compiled or timed.")
+    flags.DEFINE_integer("profile_top", 0, "Also trace a few steps with jax.profiler and print this many most "
+                         "costly ops (device kernels on GPU/TPU, XLA:CPU ops on CPU).")
     flags.DEFINE_string("json", None, "Also write the result dict as JSON to this path.")
 
 
@@ -78,7 +83,8 @@ def main(argv):
                            pipeline_workers=None if FLAGS.pipeline_workers < 0 else FLAGS.pipeline_workers,
                            frozen_width=FLAGS.frozen_width, frozen_depth=FLAGS.frozen_depth,
                            frozen_heads=FLAGS.frozen_heads, frozen_dtype=FLAGS.frozen_dtype, precision=FLAGS.precision,
-                           trace_only=FLAGS.trace_only)
+                           trace_only=FLAGS.trace_only, torch_compile_mode=FLAGS.torch_compile_mode,
+                           profile_top=FLAGS.profile_top)
         print(format_report(result))
     if FLAGS.json:
         from beitv2_jax import storage

@@ -2,6 +2,7 @@
 the timed-window runner."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable, Optional
@@ -159,3 +160,78 @@ def _summary(times_per_step: list, batch_size: int) -> dict:
     med = statistics.median(ms)
     return {"step_ms": med, "step_ms_min": min(ms), "step_ms_max": max(ms), "step_ms_all": ms,
             "img_per_s": batch_size / (med / 1000.0), "img_per_s_max": batch_size / (min(ms) / 1000.0)}
+
+
+# ----------------------------------------------------------------------------------------------- profile
+def _trace_events(logdir: str) -> list:
+    import glob
+    import gzip
+    import json
+
+    paths = sorted(glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"jax.profiler wrote no perfetto trace under {logdir}")
+    with gzip.open(paths[-1]) as f:
+        trace = json.load(f)
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def top_ops(events: list, steps: int, top: int = 15) -> dict:
+    """The ``top`` ops by total time in a perfetto trace of ``steps`` steps: device kernels (GPU/TPU streams) when
+    the trace has a device, else XLA:CPU's op thunks (the PjRt CPU client and Eigen threads).
+
+    Returns ``{'where', 'total_ms_per_step', 'ops': [{'name', 'ms_per_step', 'share', 'count'}], 'kinds': [...]}``
+    where ``kinds`` sums the ops by name without their ``.N`` suffix (``fusion.12`` → ``fusion``). XLA:CPU's
+    enclosing ``ThunkExecutor`` events are not ops (they contain them)."""
+    import re
+
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") ==
+                 "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") ==
+               "thread_name"}
+    device_pids = {pid for pid, name in processes.items() if name.startswith("/device:")}
+
+    def is_op(e) -> bool:
+        if device_pids:
+            return e["pid"] in device_pids
+        thread = threads.get((e["pid"], e["tid"]), "")
+        return ("XLAPjRtCpuClient" in thread or "XLAEigen" in thread) and not e["name"].startswith("ThunkExecutor")
+
+    total: dict = {}
+    count: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and is_op(e):
+            total[e["name"]] = total.get(e["name"], 0.0) + float(e.get("dur", 0.0))
+            count[e["name"]] = count.get(e["name"], 0) + 1
+    all_us = sum(total.values()) or 1.0
+    kinds: dict = {}
+    kind_count: dict = {}
+    for name, us in total.items():
+        kind = re.sub(r"\.\d+$", "", name)
+        kinds[kind] = kinds.get(kind, 0.0) + us
+        kind_count[kind] = kind_count.get(kind, 0) + count[name]
+
+    def rows(table, counts):
+        ranked = sorted(table.items(), key=lambda kv: -kv[1])[:top]
+        return [{"name": name, "ms_per_step": us / 1000.0 / steps, "share": us / all_us,
+                 "count": counts[name] // steps} for name, us in ranked]
+
+    return {"where": "device" if device_pids else "XLA:CPU threads", "total_ms_per_step": all_us / 1000.0 / steps,
+            "ops": rows(total, count), "kinds": rows(kinds, kind_count)}
+
+
+def profile_top_ops(runner: JaxRunner, steps: int = 3, top: int = 15, logdir: Optional[str] = None) -> dict:
+    """Trace ``steps`` steps of ``runner`` with ``jax.profiler`` (perfetto trace) and return ``top_ops`` of it."""
+    import shutil
+    import tempfile
+
+    own = logdir is None
+    logdir = logdir or tempfile.mkdtemp(prefix="bench_profile_")
+    try:
+        with jax.profiler.trace(logdir, create_perfetto_trace=True):
+            runner.run(steps)
+        result = top_ops(_trace_events(logdir), steps, top)
+    finally:
+        if own:
+            shutil.rmtree(logdir, ignore_errors=True)
+    return result

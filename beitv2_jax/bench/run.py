@@ -8,10 +8,13 @@ from typing import Optional
 import jax
 import ml_collections
 
-from beitv2_jax.bench.measure import JaxRunner, _device_peak_bytes, _summary, peak_tflops, precision_report
+from beitv2_jax.bench.measure import (JaxRunner, _device_peak_bytes, _summary, peak_tflops, precision_report,
+                                      profile_top_ops)
 from beitv2_jax.bench.pipeline import bench_input_pipeline
 from beitv2_jax.bench.torch_ref import TorchRunner, torch_problem
 from beitv2_jax.bench.workloads import build_pretrain, build_vqkd, frozen_arch, stage_config
+from beitv2_jax.models.vit import resolve_attention_impl
+from beitv2_jax.train.tasks.common import compute_dtype
 
 # ----------------------------------------------------------------------------------------------- the bench
 def run_bench(config: ml_collections.ConfigDict, *, stage: Optional[str] = None, batch_size: int = 0,
@@ -19,11 +22,14 @@ def run_bench(config: ml_collections.ConfigDict, *, stage: Optional[str] = None,
               torch_compile: bool = True, torch_threads: int = 0, peak: float = 0.0, input_pipeline: bool = True,
               pipeline_batches: int = 8, pipeline_workers: Optional[int] = None, frozen_width: int = 0,
               frozen_depth: int = 0, frozen_heads: int = 0, frozen_dtype: Optional[str] = None,
-              precision: bool = False, trace_only: bool = False) -> dict:
+              precision: bool = False, trace_only: bool = False, torch_compile_mode: str = "max-autotune",
+              profile_top: int = 0) -> dict:
     """Benchmark one train step; returns a dict of results (see ``format_report`` for the fields).
 
     ``trace_only``: build the step on abstract shapes and report the analytic FLOPs and the precision report only
     (nothing compiled, allocated or timed: checks a ViT-L bf16 config in seconds on a laptop).
+    ``torch_compile_mode``: ``torch.compile(mode=...)`` of the PyTorch reference (its settings: ``torch_settings``).
+    ``profile_top`` > 0: also trace our step with ``jax.profiler`` and report its ``profile_top`` most costly ops.
     """
     from beitv2_jax.train import sharding
 
@@ -41,7 +47,10 @@ def run_bench(config: ml_collections.ConfigDict, *, stage: Optional[str] = None,
     device = jax.devices()[0]
     result: dict = {
         "task": config.task, "stage": stage, "batch_size": batch_size, "dtype": config.get("dtype", "float32"),
-        "frozen_dtype": frozen_dtype, "attention_impl": config.model.get("attention_impl", "einsum"),
+        "frozen_dtype": frozen_dtype, "attention_impl": config.model.get("attention_impl", "auto"),
+        "attention_kernel": resolve_attention_impl(config.model.get("attention_impl", "auto"),
+                                                   compute_dtype(config.get("dtype", "float32")),
+                                                   config.model.width // config.model.num_heads),
         "remat_policy": config.model.get("remat_policy", "none"), "device": device.device_kind,
         "platform": device.platform, "num_devices": jax.device_count(), "jax_version": jax.__version__,
         "num_params": work.num_params, "frozen": dataclasses.asdict(frozen), "frozen_params": work.frozen_params,
@@ -81,14 +90,17 @@ def run_bench(config: ml_collections.ConfigDict, *, stage: Optional[str] = None,
         if torch_device:
             result["torch_device"] = torch_device
             result["torch_version"] = torch.__version__
-            eager = TorchRunner(work, torch_device, compile_model=False, threads=torch_threads)
+            eager = TorchRunner(work, torch_device, compile_model=False, threads=torch_threads,
+                                compile_mode=torch_compile_mode)
+            result["torch_settings"] = eager.settings
             result["torch_params"] = eager.num_params
             result["torch_threads"] = torch.get_num_threads()
             runners.append(("torch_eager", eager))
             if torch_compile:
                 try:
                     runners.append(("torch_compile", TorchRunner(work, torch_device, compile_model=True,
-                                                                 threads=torch_threads)))
+                                                                 threads=torch_threads,
+                                                                 compile_mode=torch_compile_mode)))
                     result["torch_compile_s"] = runners[-1][1].compile_s
                 except Exception as e:  # noqa: BLE001 - report, keep the eager numbers
                     result["torch_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
@@ -126,6 +138,8 @@ def run_bench(config: ml_collections.ConfigDict, *, stage: Optional[str] = None,
     if len(runners) > 1 and mesh.devices.size > 1:
         result["torch_note"] = (f"ours ran on {mesh.devices.size} devices, PyTorch on one: compare with one visible "
                                 f"device (CUDA_VISIBLE_DEVICES=0)")
+    if profile_top:
+        result["profile"] = profile_top_ops(ours, steps=max(1, min(steps, 5)), top=profile_top)
     if input_pipeline:
         try:
             result["input_pipeline"] = bench_input_pipeline(config, batch_size, pipeline_batches, pipeline_workers)
@@ -164,7 +178,8 @@ def format_report(r: dict) -> str:
     a = r["arch"]
     add(f"task {r['task']}" + (f" (demo stage {r['stage']})" if r.get("stage") else "")
         + f" | batch {r['batch_size']} | compute {r['dtype']} (frozen net {r['frozen_dtype']}) | attention "
-          f"{r['attention_impl']} | remat {r['remat_policy']}")
+          f"{r['attention_impl']}" + (f" (→ {r['attention_kernel']})" if r.get("attention_kernel") not in (
+              None, r["attention_impl"]) else "") + f" | remat {r['remat_policy']}")
     add(f"model: ViT width {a['width']} depth {a['depth']} heads {a['num_heads']} patch {a['patch_size']} "
         f"image {a['image_size']} | {r['num_params'] / 1e6:.2f}M trained params | frozen {r['frozen']['kind']} "
         f"width {r['frozen']['width']} depth {r['frozen']['depth']} ({r['frozen_params'] / 1e6:.2f}M params)")
@@ -206,6 +221,9 @@ def format_report(r: dict) -> str:
             f"{r.get('torch_params', 0) / 1e6:.2f}M trained params"
             + (f", torch.compile warm-up {r['torch_compile_s']:.0f} s" if "torch_compile_s" in r else "")
             + "; 'vs ours' = their step time / ours)")
+        ts = r.get("torch_settings") or {}
+        add("torch settings: " + ", ".join(f"{k} {'/'.join(v) if isinstance(v, list) else v}"
+                                           for k, v in ts.items()))
     for key in ("torch_error", "torch_compile_error", "torch_note"):
         if key in r:
             add(f"{key}: {r[key]}")
@@ -222,5 +240,13 @@ def format_report(r: dict) -> str:
         else:
             add(f"input pipeline alone: {ip['img_per_s']:.1f} img/s ({ip['source']}, {ip['num_workers']} workers, "
                 f"{ip['read_threads']} threads, {ip['batches']} batches)")
+    prof = r.get("profile")
+    if prof:
+        add(f"profile ({prof['where']}, {prof['total_ms_per_step']:.1f} ms of ops per step), top ops:")
+        for op in prof["ops"]:
+            add(f"  {100 * op['share']:5.1f}%  {op['ms_per_step']:8.2f} ms  x{op['count']:<4d} {op['name'][:100]}")
+        add("by kind (op names without their .N suffix):")
+        for op in prof["kinds"]:
+            add(f"  {100 * op['share']:5.1f}%  {op['ms_per_step']:8.2f} ms  x{op['count']:<4d} {op['name'][:100]}")
     add(f"final loss {r['final_loss']:.4f}")
     return "\n".join(lines)

@@ -26,19 +26,45 @@ def torch_problem() -> Optional[str]:
     return None
 
 
-class TorchRunner:
-    """The same train step in PyTorch (``torch_train_step``), stepped in timed windows."""
+TORCH_COMPILE_MODES = ("max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default")
 
-    def __init__(self, work: Workload, device: str, compile_model: bool, threads: int = 0):
+
+def torch_settings(device: str, compile_mode: str = "max-autotune") -> dict:
+    """The PyTorch settings the comparison runs with, pinned (and printed) rather than left to defaults:
+
+    * ``autocast``: bf16 autocast on CUDA (as our ``dtype=bfloat16``), fp32 on CPU (as the demo);
+    * ``sdpa_backends``: on CUDA only the fused ``scaled_dot_product_attention`` kernels (cuDNN, memory-efficient,
+      flash; the math fallback is excluded, so a shape they refuse fails loudly); on CPU torch's own choice;
+    * ``channels_last``: the NCHW image batch and the patch-embedding conv in channels-last on CUDA;
+    * ``compile_mode``: ``torch.compile(mode=...)`` (``max-autotune``: inductor autotunes matmuls/convs, CUDA graphs);
+    * ``optimizer``: AdamW ``fused`` on CUDA, ``foreach`` on CPU; ``tf32``: TF32 matmuls allowed for the fp32
+      leftovers on CUDA (``set_float32_matmul_precision('high')``; ours keeps those in fp32 or HIGHEST).
+    """
+    if compile_mode not in TORCH_COMPILE_MODES:
+        raise ValueError(f"torch compile mode must be one of {TORCH_COMPILE_MODES}, got {compile_mode!r}")
+    cuda = device == "cuda"
+    return {"autocast": "bfloat16" if cuda else "off (float32)",
+            "sdpa_backends": ["CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "FLASH_ATTENTION"] if cuda else "torch default",
+            "channels_last": cuda, "compile_mode": compile_mode, "optimizer": "AdamW fused" if cuda else
+            "AdamW foreach", "float32_matmul_precision": "high" if cuda else "highest"}
+
+
+class TorchRunner:
+    """The same train step in PyTorch (``torch_train_step``) under ``torch_settings``, stepped in timed windows."""
+
+    def __init__(self, work: Workload, device: str, compile_model: bool, threads: int = 0,
+                 compile_mode: str = "max-autotune"):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
         self.device = device
-        self.amp = device == "cuda"
+        self.settings = torch_settings(device, compile_mode)
+        self.amp = self.settings["autocast"] == "bfloat16"
+        torch.set_float32_matmul_precision(self.settings["float32_matmul_precision"])
         self.step_fn, self.num_params = torch_train_step(work.task, work.arch, work.batch, device, self.amp,
-                                                      compile_model)
+                                                      compile_model, self.settings)
         self.compile_s = 0.0
         t0 = time.perf_counter()
         self.run(2)  # warm-up; with torch.compile this triggers compilation (forward and backward)
@@ -247,13 +273,32 @@ def _torch_optimizer(model, optim: dict, device: str):
     return torch.optim.AdamW(groups, lr=optim["lr"], betas=(optim["b1"], optim["b2"]), eps=optim["eps"], **kw)
 
 
-def torch_train_step(task: str, arch: dict, batch: dict, device: str, amp: bool, compile_model: bool):
-    """``(step() -> loss tensor, trained parameter count)`` for the PyTorch mirror of our ``task`` step."""
+def _sdpa_context(settings: dict):
+    """A context restricting ``scaled_dot_product_attention`` to ``settings['sdpa_backends']`` (or a no-op)."""
+    import contextlib
+
+    backends = settings.get("sdpa_backends")
+    if not isinstance(backends, list):
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = [getattr(SDPBackend, name) for name in backends]
+    return lambda: sdpa_kernel(chosen)
+
+
+def torch_train_step(task: str, arch: dict, batch: dict, device: str, amp: bool, compile_model: bool,
+                     settings: Optional[dict] = None):
+    """``(step() -> loss tensor, trained parameter count)`` for the PyTorch mirror of our ``task`` step, under
+    ``settings`` (``torch_settings``; default: those of ``device``)."""
     import torch
 
+    settings = settings or torch_settings(device)
     Tokenizer, Pretrain, Teacher, VQKD = _torch_modules()
     torch.manual_seed(0)
-    nchw = lambda x: torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))).to(device)  # noqa: E731
+    memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+    nchw = lambda x: torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))).to(  # noqa: E731
+        device, memory_format=memory_format)
+    sdpa = _sdpa_context(settings)
     autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
     clip = arch["optim"].get("clip_grad") or 0.0
 
@@ -267,10 +312,13 @@ def torch_train_step(task: str, arch: dict, batch: dict, device: str, amp: bool,
         frozen = Teacher(arch["teacher"]).to(device).eval()
         images = nchw(batch["image"])
     model.train()
+    if settings["channels_last"]:
+        model, frozen = model.to(memory_format=memory_format), frozen.to(memory_format=memory_format)
     opt = _torch_optimizer(model, arch["optim"], device)
     forward, frozen_forward = model, frozen
     if compile_model:
-        forward, frozen_forward = torch.compile(model), torch.compile(frozen)
+        mode = settings["compile_mode"]
+        forward, frozen_forward = torch.compile(model, mode=mode), torch.compile(frozen, mode=mode)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def finish(loss):
@@ -286,19 +334,19 @@ def torch_train_step(task: str, arch: dict, batch: dict, device: str, amp: bool,
         def step():
             # Masked positions in row-major order without a device sync (as ours; torch.nonzero would sync).
             positions = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), autocast(), sdpa():
                 labels = torch.gather(frozen_forward(tok_images), 1, positions)
-            with autocast():
+            with autocast(), sdpa():
                 loss = forward(images, mask, positions, labels)
-            finish(loss)
+            finish(loss)  # backward runs the kernels the forward chose (outside autocast, as recommended)
             return loss.detach()
     else:
         decay, num_codes = arch["decay"], arch["num_codes"]
 
         def step():
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), autocast(), sdpa():
                 target = frozen_forward(images)
-            with autocast():
+            with autocast(), sdpa():
                 loss, z_flat, idx = forward(images, target)
             finish(loss)
             with torch.no_grad():  # codebook EMA with re-normalisation (official norm_ema_inplace)

@@ -260,8 +260,10 @@ def analytic_pretrain(a: dict) -> dict:
     extra = dict(t["extra"])
     tok = (dense_flops(nt, t["patch_size"] ** 2 * 3, t["width"])
            + vit_blocks_flops(nt + 1, t["width"], t["depth"], 4 * t["width"])
-           + dense_flops(nt, t["width"], t["width"]) + dense_flops(nt, t["width"], extra["code_dim"])
-           + dense_flops(nt, extra["code_dim"], extra["num_codes"]))
+           # The task layer and the code distances run on the masked patches only (their ids are the labels).
+           + dense_flops(a["num_masked"], t["width"], t["width"])
+           + dense_flops(a["num_masked"], t["width"], extra["code_dim"])
+           + dense_flops(a["num_masked"], extra["code_dim"], extra["num_codes"]))
     d, mlp = a["width"], int(a["width"] * a["mlp_ratio"])
     embed = dense_flops(n, a["patch_size"] ** 2 * 3, d)
     blocks = vit_blocks_flops(n + 1, d, a["depth"], mlp)

@@ -66,9 +66,10 @@ class BEiTPretrainModel(nn.Module):
                             init_truncation=bb.init_truncation, dtype=bb.dtype, name="lm_head")
         positions = masked_positions(mask, self.num_masked_patches)
 
-        final = norm(out["pre_norm"])
-        result = {"positions": positions, "features": final,
-                  "logits_1": lm_head(gather_tokens(final[:, 1:], positions)).astype(jnp.float32)}
+        # LayerNorm is per token, so the loss branches gather the K masked tokens first and normalise only those
+        # (identical values). ``features`` (every token normed) is for mc-BEiT's targets; unused, jit drops it.
+        result = {"positions": positions, "features": norm(out["pre_norm"]),
+                  "logits_1": lm_head(norm(gather_tokens(out["pre_norm"][:, 1:], positions))).astype(jnp.float32)}
         if self.head_layers > 0:
             early = out["blocks"][self.early_layers - 1][:, 1:]
             x = jnp.concatenate([out["pre_norm"][:, :1], early], axis=1)
@@ -84,8 +85,7 @@ class BEiTPretrainModel(nn.Module):
                     drop_path_rate=float(rates[self.early_layers + j]), layer_norm_eps=bb.layer_norm_eps,
                     activation=bb.activation, init_style="torch_default", attention_impl=bb.attention_impl,
                     deterministic=not train, dtype=bb.dtype, name=f"cls_pt_layers_{j}")(x, bias)
-            x = norm(x)
-            result["logits_2"] = lm_head(gather_tokens(x[:, 1:], positions)).astype(jnp.float32)
+            result["logits_2"] = lm_head(norm(gather_tokens(x[:, 1:], positions))).astype(jnp.float32)
         return result
 
 

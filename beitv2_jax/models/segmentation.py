@@ -371,7 +371,7 @@ class SegmentationModel(nn.Module):
 def segmentation_config(encoder: dict, image_size: int, num_classes: int, *, out_indices: Sequence[int],
                         drop_path_rate: float = 0.0, channels: int = 768, pool_scales: Sequence[int] = (1, 2, 3, 6),
                         dropout_ratio: float = 0.1, aux_channels: int = 256, aux_num_convs: int = 1,
-                        aux_in_index: int = 2, rel_pos: str = "per_layer", attention_impl: str = "einsum",
+                        aux_in_index: int = 2, rel_pos: str = "per_layer", attention_impl: str = "auto",
                         remat_policy: str = "none") -> dict:
     """JSON-able config of the segmentation model on a pretrained ``encoder`` (a ViT model_config, e.g.
     ``finetune.load_pretrained(...).config``): ``{'backbone': {ViT fields + out_indices}, <head fields>}``.

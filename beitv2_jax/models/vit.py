@@ -37,7 +37,44 @@ REL_POS_MODES = ("none", "shared", "per_layer")
 POOLING_MODES = ("cls", "mean", "none")
 ACTIVATIONS = ("gelu", "quick_gelu")
 INIT_STYLES = ("beit", "torch_default")
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+
+
+def resolve_attention_impl(impl: str, dtype: Dtype = jnp.float32, head_dim: int = 64,
+                           platform: Optional[str] = None) -> str:
+    """The attention kernel ``impl`` stands for on ``platform`` (default: JAX's default backend).
+
+    ``auto``: cuDNN fused attention on a GPU for bf16/fp16 with a head dim cuDNN takes (multiple of 8, ≤ 128), else
+    the XLA path of ``jax.nn.dot_product_attention`` on GPU/TPU (fused by XLA, float32 logits), and the einsum path
+    on CPU (the reference numerics). Any other value is returned as is.
+    """
+    if impl != "auto":
+        return impl
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm"):
+        if platform != "rocm" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
+                and head_dim <= 128:
+            return "cudnn"
+        return "xla"
+    if platform == "tpu":
+        return "xla"
+    return "einsum"
+
+
+def needs_even_tokens(impl: str, has_bias: bool, tokens: int) -> bool:
+    """cuDNN trains with an attention bias only at an even sequence length (197 = 14² + CLS is odd)."""
+    return impl == "cudnn" and has_bias and tokens % 2 == 1
+
+
+def pad_bias_to(bias: jax.Array, tokens: int) -> jax.Array:
+    """Position bias ``[..., T, T]`` → ``[..., tokens, tokens]`` for a sequence padded at the end with tokens that no
+    query attends to: bias −1e9 in their key columns (softmax weight exactly 0), 0 in their rows."""
+    extra = tokens - bias.shape[-1]
+    if extra <= 0:
+        return bias
+    lead = ((0, 0),) * (bias.ndim - 2)
+    bias = jnp.pad(bias, lead + ((0, extra), (0, 0)))
+    return jnp.pad(bias, lead + ((0, 0), (0, extra)), constant_values=-1e9)
 
 
 # ----------------------------------------------------------------------------------------------- initialisers
@@ -81,9 +118,16 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x·Φ(x) = ½·x·(1 + erf(x/√2)) (torch's default ``nn.GELU``). Written with ``erf`` rather than
+    ``jax.nn.gelu(approximate=False)``'s ``erfc``, whose select-heavy expansion and derivative cost XLA:CPU ≈ 13 % of
+    the demo's pretraining step; same function (differences at float32 rounding level)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
+        return gelu
     if name == "quick_gelu":
         return quick_gelu
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
@@ -152,7 +196,7 @@ class Attention(nn.Module):
     init_std: float = 0.02
     init_truncation: float = 1.0
     proj_scale: float = 1.0
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -172,18 +216,19 @@ class Attention(nn.Module):
             proj_init = torch_uniform(dim, self.proj_scale)
             proj_bias_init = torch_uniform(dim)
         qkv_kernel = _param(self, "qkv", qkv_init, (dim, 3, heads, head_dim), ("embed", None, "heads", "kv"))
-        qkv = jnp.einsum("btd,dshk->sbthk", x.astype(self.dtype), qkv_kernel.astype(self.dtype))
+        # q, k, v as three matmuls with the kernel's slices (not one [3, B, T, H, Dh] product sliced afterwards:
+        # that slice's gradient is a pad + add of the whole product per block).
+        xc, kernel = x.astype(self.dtype), qkv_kernel.astype(self.dtype)
+        q, k, v = (jnp.einsum("btd,dhk->bthk", xc, kernel[:, i]) for i in range(3))  # [B, T, H, Dh]
         if self.qkv_bias == "qv":
             q_bias = _param(self, "q_bias", nn.initializers.zeros, (heads, head_dim), ("heads", "kv"))
             v_bias = _param(self, "v_bias", nn.initializers.zeros, (heads, head_dim), ("heads", "kv"))
-            qkv_b = jnp.stack([q_bias, jnp.zeros_like(q_bias), v_bias])
-            qkv = qkv + qkv_b.astype(self.dtype)[:, None, None]
+            q, v = q + q_bias.astype(self.dtype), v + v_bias.astype(self.dtype)
         elif self.qkv_bias == "full":
             qkv_b = _param(self, "qkv_bias", nn.initializers.zeros, (3, heads, head_dim), (None, "heads", "kv"))
-            qkv = qkv + qkv_b.astype(self.dtype)[:, None, None]
+            q, k, v = (t + qkv_b[i].astype(self.dtype) for i, t in enumerate((q, k, v)))
         elif self.qkv_bias != "none":
             raise ValueError(f"qkv_bias must be one of {QKV_BIAS_MODES}, got {self.qkv_bias!r}")
-        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, T, H, Dh]
 
         if self.window is not None:
             table = _param(self, "relative_position_bias_table", nn.initializers.zeros,
@@ -192,7 +237,10 @@ class Attention(nn.Module):
             bias = own if bias is None else bias + own
 
         scale = head_dim ** -0.5
-        if self.attention_impl == "einsum":
+        impl = resolve_attention_impl(self.attention_impl, self.dtype, head_dim)
+        if bias is not None and bias.shape[-1] < x.shape[1]:
+            bias = pad_bias_to(bias, x.shape[1])  # the sequence was padded to an even length at the embedding
+        if impl == "einsum":
             # q·k in the compute dtype, accumulated and returned in float32 (no bf16 rounding of the logits); the
             # softmax runs in float32 and the probabilities go back to the compute dtype for the ·v product. The
             # bf16 algorithm preset keeps the backward matmuls (float32 cotangent × bf16 q/k) on bf16 inputs too, as
@@ -204,23 +252,22 @@ class Attention(nn.Module):
                 logits = logits + bias.astype(jnp.float32)[None]
             weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        elif self.attention_impl in ("xla", "cudnn"):
+        elif impl in ("xla", "cudnn"):
             # The bias is shared across the batch: pass it as [1, H, T, T] (dot_product_attention broadcasts any
             # 4-d bias to [B, H, T, T]) instead of materialising a copy per example. The XLA path adds it to its
             # float32 logits, so it stays float32 there; cuDNN takes it in the q/k/v dtype.
             att_bias = None
             if bias is not None:
-                att_bias = bias[None].astype(jnp.float32 if self.attention_impl == "xla" else self.dtype)
+                att_bias = bias[None].astype(jnp.float32 if impl == "xla" else self.dtype)
             tokens = q.shape[1]
-            pad = self.attention_impl == "cudnn" and att_bias is not None and tokens % 2
+            pad = needs_even_tokens(impl, att_bias is not None, tokens)
             if pad:
-                # cuDNN trains with a bias only at an even sequence length (197 = 14² + CLS is odd): one zero
+                # Blocks used outside VisionTransformer (the BEiT aggregation head) on an odd sequence: one zero
                 # token more, which no query attends to (bias −1e9 in its key column) and whose row is dropped.
+                # VisionTransformer pads once at the embedding instead, so its blocks never get here.
                 q, k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (q, k, v))
-                att_bias = jnp.pad(att_bias, ((0, 0), (0, 0), (0, 1), (0, 0)))
-                att_bias = jnp.pad(att_bias, ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=-1e9)
-            out = jax.nn.dot_product_attention(q, k, v, bias=att_bias, scale=scale,
-                                               implementation=self.attention_impl)
+                att_bias = pad_bias_to(att_bias, tokens + 1)
+            out = jax.nn.dot_product_attention(q, k, v, bias=att_bias, scale=scale, implementation=impl)
             if pad:
                 out = out[:, :tokens]
         else:
@@ -249,7 +296,7 @@ class Block(nn.Module):
     init_style: str = "beit"
     init_std: float = 0.02
     init_truncation: float = 1.0
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
     deterministic: bool = True
     dtype: Dtype = jnp.float32
 
@@ -294,7 +341,11 @@ def drop_path_rates(rate: float, depth: int) -> np.ndarray:
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping ``patch_size`` convolution: ``[B, H, W, C]`` → ``[B, (H/p)·(W/p), D]``."""
+    """Non-overlapping ``patch_size`` convolution: ``[B, H, W, C]`` → ``[B, (H/p)·(W/p), D]``.
+
+    Computed as what it is, one matmul of the flattened ``p × p × C`` patches with the ``[p·p·C, D]`` kernel (the
+    stride-``p`` convolution's maths; a plain dot is what every backend runs best, forward and backward).
+    """
 
     patch_size: int
     width: int
@@ -313,13 +364,14 @@ class PatchEmbed(nn.Module):
         else:
             kernel_init, bias_init = torch_uniform(fan_in), torch_uniform(fan_in)
         kernel = _param(self, "kernel", kernel_init, (p, p, channels, self.width), (None, None, None, "embed"))
-        x = jax.lax.conv_general_dilated(
-            images.astype(self.dtype), kernel.astype(self.dtype), window_strides=(p, p), padding="VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        b, height, width = images.shape[:3]
+        h, w = height // p, width // p
+        patches = images[:, :h * p, :w * p].astype(self.dtype).reshape(b, h, p, w, p, channels)
+        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w, fan_in)  # (row, col, channel) = HWI order
+        x = jnp.dot(patches, kernel.astype(self.dtype).reshape(fan_in, self.width))
         if self.use_bias:
             x = x + _param(self, "bias", bias_init, (self.width,), ("embed",)).astype(self.dtype)
-        b, h, w, d = x.shape
-        return x.reshape(b, h * w, d)
+        return x
 
 
 # ----------------------------------------------------------------------------------------------- the ViT
@@ -364,7 +416,7 @@ class VisionTransformer(nn.Module):
     init_std: float = 0.02
     init_truncation: float = 1.0  # in units of init_std; 1.0 = official pretraining, 100 ≈ timm default
     patch_embed_init: str = "beit"  # beit (trunc-normal) | torch_default
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"  # auto (cuDNN on GPU in bf16, XLA on TPU, einsum on CPU) | einsum | xla | cudnn
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
 
@@ -438,11 +490,19 @@ class VisionTransformer(nn.Module):
         x = self.embed(images, mask)
         bias = self.shared_bias()
         rates = drop_path_rates(self.drop_path_rate, self.depth)
+        tokens = x.shape[1]
+        impl = resolve_attention_impl(self.attention_impl, self.dtype, self.width // self.num_heads)
+        if needs_even_tokens(impl, self.rel_pos != "none", tokens):
+            # One zero token at the end, padded once here rather than q/k/v in every block; no query attends to
+            # it (the blocks pad the bias with −1e9 in its key column) and it is dropped after the last block.
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+        block_bias = None if bias is None else pad_bias_to(bias, x.shape[1])
         blocks = []
         for i in range(self.depth):
-            x = self.block(i, rates[i], train)(x, bias)
+            x = self.block(i, rates[i], train)(x, block_bias)
             if return_blocks:
-                blocks.append(x)
+                blocks.append(x[:, :tokens])
+        x = x[:, :tokens]
         out = {"pre_norm": x}
         if bias is not None:
             out["shared_bias"] = bias

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from beitv2_jax.models import quantizer as quant
 from beitv2_jax.models import vit
+from beitv2_jax.models.beit import gather_tokens
 
 
 def vqkd_encoder(**overrides) -> vit.VisionTransformer:
@@ -105,6 +106,15 @@ class VQKD(nn.Module):
         """The MIM labels: ``[B, N]`` int32 code ids of ``images`` ``[B, H, W, 3]`` in [0, 1]."""
         _, indices, _, _ = self.encode(images, train=False)
         return indices.reshape(indices.shape[0], -1)
+
+    def get_codebook_indices_at(self, images: jax.Array, positions: jax.Array) -> jax.Array:
+        """The code ids ``[B, K]`` of the patches at ``positions [B, K]`` only (= ``get_codebook_indices(images)``
+        gathered at ``positions``, the same per-token arithmetic): the task layer and the ``[·, num_codes]`` code
+        distances run on the K masked patches instead of all N (75 of 196 in BEiT v2). Codebook state unchanged."""
+        tokens = self.encoder(self.preprocess(images), train=False)["patch_tokens"]  # [B, N, D]
+        z = quant.l2_normalize(self.encode_task_layer(gather_tokens(tokens, positions)))
+        codebook = self.get_variable("codebook", "quantize")["weight"]
+        return quant.nearest_codes(z, jax.lax.stop_gradient(jnp.asarray(codebook, jnp.float32)))
 
     def __call__(self, images: jax.Array, train: bool = False) -> dict:
         z_q, indices, quant_loss, aux = self.encode(images, train=train)

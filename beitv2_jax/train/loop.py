@@ -9,7 +9,8 @@ Reliability contract (issue #8):
   counters, step, RNG) and the data iterator's state; every random draw is keyed by (seed, step) or (seed, record),
   so a resumed run repeats the uninterrupted one bit for bit.
 * **Non-finite guard.** The steps skip an update whose loss, gradient or updated parameters are not finite (state
-  unchanged apart from the step and the ``bad_steps`` counter) and report ``nonfinite``; the loop counts them and
+  unchanged apart from the step and the ``bad_steps`` counter) and report ``nonfinite``; the loop fetches these
+  flags once per logging window and before every checkpoint save (no host sync per step), counts them and
   after ``max_bad_steps`` consecutive ones raises ``NonFiniteError`` without writing another checkpoint. While a
   streak of skipped steps is open, periodic checkpoints are not written (only a preemption or final one), so the
   kept checkpoints are never pushed out by suspect ones.
@@ -139,36 +140,47 @@ class StopRequest:
 
 
 class NonFiniteGuard:
-    """Counts the steps whose update was skipped (``metrics['nonfinite']``) and watches the loss for divergence, one
-    step behind so that the host does not wait for the device; ``check`` raises ``NonFiniteError`` when
-    ``max_bad_steps`` consecutive steps were bad and ``DivergenceError`` when a loss ran away."""
+    """Counts the steps whose update was skipped (``metrics['nonfinite']``) and watches the loss for divergence
+    without a host sync per step: ``push`` keeps each step's device scalars and ``flush`` fetches all pending ones in
+    one ``device_get``, every ``check_every`` steps (the loop's logging window) and before each checkpoint save; the
+    update of a bad step is skipped on the device whatever the host knows. ``check`` raises ``NonFiniteError`` when
+    ``max_bad_steps`` consecutive steps were bad and ``DivergenceError`` when a loss ran away (the first such step
+    of the fetched ones, so a later good step cannot hide it)."""
 
     def __init__(self, max_bad_steps: int, streak: int = 0, total: int = 0, manager=None,
-                 divergence_factor: float = 0.0):
+                 divergence_factor: float = 0.0, check_every: int = 1):
         self.max_bad_steps = max_bad_steps
         self.streak = streak
         self.total = total
         self.divergence_factor = divergence_factor
+        self.check_every = max(1, int(check_every))
         self._manager = manager
-        self._pending = None
+        self._pending: list = []  # (step, nonfinite, loss) device scalars not fetched yet, in step order
         self._last_bad = None  # only a bad step seen by this process stops it (a resumed streak may go on)
+        self._limit = None  # (streak, last bad step) when a streak first reached max_bad_steps
         self._losses: list = []  # the last DIVERGENCE_WINDOW finite step losses
         self._diverged = None  # (step, loss, median)
 
     def push(self, step: int, nonfinite, loss=None) -> None:
-        """Record ``step``'s flag and loss (device scalars; ``nonfinite`` None when the task reports none); count
-        the previous step's."""
-        self.flush()
-        self.check()
-        self._pending = None if nonfinite is None else (step, nonfinite, loss)
+        """Record ``step``'s flag and loss (device scalars; ``nonfinite`` None when the task reports none); fetch and
+        count the pending steps once ``check_every`` of them are waiting. A limit reached stays recorded until
+        ``check`` (the loop calls it after writing each window's metrics and before each save)."""
+        if nonfinite is not None:
+            self._pending.append((step, nonfinite, loss))
+        if len(self._pending) >= self.check_every:
+            self.flush()
 
     def flush(self) -> None:
-        """Count the pending step now (``check`` raises if that reached the limit or diverged)."""
-        if self._pending is None:
+        """Count the pending steps now, one ``device_get`` for all (``check`` raises if one reached the limit or
+        diverged)."""
+        if not self._pending:
             return
-        step, flag, loss = self._pending
-        self._pending = None
-        flag, loss = jax.device_get((flag, loss))
+        pending, self._pending = self._pending, []
+        fetched = jax.device_get([(flag, loss) for _, flag, loss in pending])
+        for (step, _, _), (flag, loss) in zip(pending, fetched):
+            self._count(step, flag, loss)
+
+    def _count(self, step: int, flag, loss) -> None:
         if float(flag) == 0.0:
             self.streak = 0
             self._watch_loss(step, loss)
@@ -176,11 +188,13 @@ class NonFiniteGuard:
         self.streak += 1
         self.total += 1
         self._last_bad = step
+        if self.streak >= self.max_bad_steps and self._limit is None:
+            self._limit = (self.streak, step)
         logging.warning("step %d: non-finite loss, gradient or updated parameters, update skipped (%d in a row, "
                         "limit max_bad_steps=%d)", step, self.streak, self.max_bad_steps)
 
     def _watch_loss(self, step: int, loss) -> None:
-        if loss is None or not self.divergence_factor:
+        if loss is None or not self.divergence_factor or self._diverged is not None:
             return
         loss = float(loss)
         if len(self._losses) >= DIVERGENCE_MIN_STEPS:
@@ -196,7 +210,7 @@ class NonFiniteGuard:
         return self.streak > 0
 
     def check(self) -> None:
-        """Raise ``DivergenceError`` after a runaway loss, ``NonFiniteError`` when the counted steps end with
+        """Raise ``DivergenceError`` after a runaway loss, ``NonFiniteError`` once the counted steps had
         ``max_bad_steps`` bad ones in a row."""
         latest = self._manager.latest_step() if self._manager is not None else None
         kept = (f"the newest checkpoint, step {latest} in {self._manager.directory}, was written before it" if latest
@@ -207,10 +221,11 @@ class NonFiniteGuard:
                 f"the loss diverged at step {step}: {loss:.4g} is more than config.divergence_factor="
                 f"{self.divergence_factor:g} × the running median {median:.4g} of the previous step losses; the run "
                 f"stopped and {kept} (lower config.optim.lr or raise config.divergence_factor)")
-        if self.streak < self.max_bad_steps or self._last_bad is None:
+        if self._limit is None:
             return
+        streak, last_bad = self._limit
         raise NonFiniteError(
-            f"{self.streak} consecutive steps (up to step {self._last_bad}) had a non-finite loss, gradient or "
+            f"{streak} consecutive steps (up to step {last_bad}) had a non-finite loss, gradient or "
             f"updated parameters, reaching config.max_bad_steps={self.max_bad_steps}; the run stopped. Those updates "
             f"were skipped and no checkpoint was written during them: {kept} and holds the last good parameters")
 
@@ -260,7 +275,8 @@ def run(*, workdir: str, state, train_step: Callable, iterator: Iterator, mesh, 
     start = int(jax.device_get(state.step))
     streak = int(jax.device_get(state.extra["bad_steps"])) if "bad_steps" in state.extra else 0
     saved = ckpt_lib.restore_data(manager, start).get("counters", {}) if manager is not None else {}
-    guard = NonFiniteGuard(max_bad_steps, streak, int(saved.get("nonfinite_steps", 0)), manager, divergence_factor)
+    guard = NonFiniteGuard(max_bad_steps, streak, int(saved.get("nonfinite_steps", 0)), manager, divergence_factor,
+                           check_every=log_every)
     counters = RunCounters(saved, guard)
     stop = StopRequest(manager)
     log = _MetricsLog(writer, start, total_steps, batch_size, desc)
@@ -330,8 +346,9 @@ class _MetricsLog:
     bar when stderr is a terminal, one plain line per window (:func:`window_line`, stdout) when stdout or stderr is
     not (``progress``).
 
-    The loop runs one step ahead of the device (``NonFiniteGuard`` waits for step n−1 after dispatching step n) and
-    each row is written after fetching the window's metrics, so a window's wall time covers its steps' device work.
+    The loop runs ahead of the device within a logging window (``NonFiniteGuard`` fetches its flags once per window)
+    and each row is written after fetching the window's metrics, so a window's wall time covers its steps' device
+    work.
     Per row (seconds are means per step of the window):
 
     * ``data_wait_s`` — host time blocked on input: ``next(iterator)`` plus placing the batch on the devices. The

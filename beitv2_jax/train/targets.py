@@ -60,7 +60,7 @@ def hard_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return (jnp.argmax(logits, -1) == labels).astype(jnp.float32).mean()
+    return (quantizer.first_argmax(logits, -1) == labels).astype(jnp.float32).mean()
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -112,9 +112,13 @@ class FrozenTokenizer:
         codebook = variables["codebook"]["quantize"]["weight"]
         return self.model.apply(variables, images, codebook, method=_vqkd_logits)
 
-    def outputs(self, variables, images: jax.Array, soft: bool) -> dict:
+    def outputs(self, variables, images: jax.Array, soft: bool, positions: jax.Array | None = None) -> dict:
         """``{'labels': [B, N] int32}`` plus ``'logits'`` ``[B, N, V]`` when ``soft`` (labels = their argmax, which is
-        the tokenizer's own code id); no gradient."""
+        the tokenizer's own code id); no gradient. With ``positions [B, K]`` (hard VQ-KD targets only) the labels are
+        ``{'masked_labels': [B, K]}``, the code ids at those patches, computed for them alone (identical ids)."""
+        if not soft and positions is not None and self.kind == "vqkd":
+            ids = self.model.apply(variables, images, positions, method="get_codebook_indices_at")
+            return {"masked_labels": jax.lax.stop_gradient(ids)}
         if not soft:
             return {"labels": jax.lax.stop_gradient(self.ids(variables, images))}
         logits = jax.lax.stop_gradient(self.logits(variables, images))
@@ -154,7 +158,7 @@ def labels_and_loss(out: dict, tokens: dict, settings: TargetSettings) -> tuple:
     when the model has the patch-aggregation branch, ``loss_2``/``mlm_acc_2``; loss = their sum. Accuracy is the
     argmax against the tokenizer's code ids (the official ``mlm_acc``) for both target kinds."""
     positions = out["positions"]
-    labels = gather_tokens(tokens["labels"], positions)
+    labels = tokens["masked_labels"] if "masked_labels" in tokens else gather_tokens(tokens["labels"], positions)
     if settings.soft:
         targets = multi_choice_targets(tokens["logits"], out["features"][:, 1:], settings.omega,
                                        settings.tokenizer_temperature, settings.similarity_temperature,

@@ -89,7 +89,7 @@ def as_encoder(variables: dict, kind: str, config: dict) -> Pretrained:
 
 def finetune_vit_config(encoder: dict, image_size: int, num_classes: int, *, pooling: str = "mean",
                         rel_pos: str = "per_layer", drop_path_rate: float = 0.0, head_init_scale: float = 0.001,
-                        init_truncation: float = 100.0, attention_impl: str = "einsum",
+                        init_truncation: float = 100.0, attention_impl: str = "auto",
                         remat_policy: str = "none") -> dict:
     """ViT fields of the classifier built on ``encoder`` (its config): mean pooling + ``fc_norm`` (official) or
     CLS + final ``norm`` (``pooling='cls'``); per-layer (official) or shared tables when the encoder has any.

@@ -68,7 +68,8 @@ def make_train_step(model: beit_lib.BEiTPretrainModel, tokenizer, tx, schedule,
 
     def train_step(state: state_lib.TrainState, batch: dict, tokenizer_variables):
         image, tokenizer_image = on_device.pretrain_views(batch)  # uint8 on the wire → float32 here
-        tokens = tokenizer.outputs(tokenizer_variables, tokenizer_image, settings.soft)
+        positions = beit_lib.masked_positions(batch["mask"], model.num_masked_patches)  # = the model's positions
+        tokens = tokenizer.outputs(tokenizer_variables, tokenizer_image, settings.soft, positions)
         rng = state_lib.step_rng(state, "dropout")
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, image, batch["mask"],
                                                                            tokens, rng)
