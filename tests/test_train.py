@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from beitv2_jax import recipes
-from beitv2_jax.models import beit, vit
+from beitv2_jax.models import beit
 from beitv2_jax.train import optim
 from beitv2_jax.train.tasks import pretrain
 

@@ -9,8 +9,6 @@ Parameters::
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

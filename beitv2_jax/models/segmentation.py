@@ -29,7 +29,7 @@ Parameter layout (``[kh, kw, in, out]`` kernels)::
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax

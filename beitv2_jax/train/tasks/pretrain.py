@@ -24,7 +24,6 @@ from beitv2_jax.train import checkpoint as ckpt_lib
 from beitv2_jax.train import loop, optim, sharding
 from beitv2_jax.train import state as state_lib
 from beitv2_jax.train import targets as targets_lib
-from beitv2_jax.train.metrics import MetricsWriter
 from beitv2_jax.train.tasks import common
 
 BACKBONE_KEYS = ("patch_size", "width", "depth", "num_heads", "mlp_ratio", "layer_scale_init", "drop_path_rate",
