@@ -18,6 +18,7 @@ import importlib
 import os
 import re
 import sys
+import time
 
 from absl import app, flags, logging
 import ml_collections
@@ -83,6 +84,7 @@ def _exit_now(line: str, code: int) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.dup2(devnull, 1)
+    time.sleep(0.05)  # a write to the old fd 2 already inside the kernel finishes before the line
     os.write(real_stderr, (line + "\n").encode())
     os._exit(code)
 

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -547,7 +548,10 @@ def test_flipped_bytes_in_newest_checkpoint_resume_from_the_previous_bit_exact(s
     _flip_bytes_in_largest_file(os.path.join(workdir, "checkpoints", str(newest), "state"))
     result = run_main(setup, config, workdir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"checkpoint step {newest}" in result.stderr and "does not match the digest" in result.stderr
+    # Detected either by the digest (the bytes fell in array data) or by the array store itself (they fell in an
+    # OCDBT index node or a chunk header: where the middle of the largest file lands depends on the async write
+    # order); the digest path alone is asserted deterministically in test_checkpoint_with_flipped_bytes_is_detected_...
+    assert re.search(rf"checkpoint step {newest} in \S+ cannot be read", result.stderr), result.stderr[-3000:]
     assert os.path.isdir(os.path.join(workdir, "checkpoints_unreadable", str(newest)))
     ref, got = final_params(reference), final_params(workdir)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
