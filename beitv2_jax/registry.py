@@ -120,7 +120,7 @@ def model_dir(name: str) -> str:
 
 def download(entry: Entry, directory: str) -> str:
     """``entry``'s file in ``directory`` (downloaded unless present), its sha256 checked when one is known."""
-    from tqdm import tqdm
+    from beitv2_jax import progress
 
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, entry.filename)
@@ -131,11 +131,14 @@ def download(entry: Entry, directory: str) -> str:
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=entry.filename, leave=False) as bar:
+                bar = progress.bar(total, entry.filename, unit="B")  # a tqdm bar, or plain lines in a log file
+                try:
                     while chunk := response.read(1 << 20):
                         f.write(chunk)
                         digest.update(chunk)
                         bar.update(len(chunk))
+                finally:
+                    bar.close()
             os.replace(tmp, path)
         except OSError as e:
             raise DownloadError(f"cannot download {url}: {getattr(e, 'reason', None) or e}") from e
