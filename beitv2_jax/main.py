@@ -247,4 +247,7 @@ def run_reporting_outcome(config: ml_collections.ConfigDict, workdir: str) -> No
 
 
 if __name__ == "__main__":
+    from beitv2_jax import hostmem
+
+    hostmem.restart_with_huge_pages()  # glibc reads GLIBC_TUNABLES at start: see hostmem
     app.run(main, flags_parser=parse_flags)

@@ -539,3 +539,41 @@ def test_no_tensorflow_imported(demo_dir, image_folder, tmp_path):
         print('ok')
     """)
     assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-3000:]
+
+
+def test_mirrored_box_crop_equals_flipping_the_whole_image_first():
+    """``flipped_resized_crop`` resizes the mirrored box and flips only the result: pixel-identical to torchvision's
+    order (flip the decoded image, then crop and resize) for every box, size and interpolation tried."""
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        h, w = (int(v) for v in rng.integers(9, 300, 2))
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        box = transforms.random_resized_crop_box(h, w, rng)
+        size, interp = int(rng.choice([8, 32, 224])), str(rng.choice(['bicubic', 'bilinear', 'lanczos']))
+        expected = transforms.resized_crop(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), box, size, interp)
+        np.testing.assert_array_equal(np.asarray(transforms.flipped_resized_crop(image, box, True, size, interp)),
+                                      np.asarray(expected), err_msg=f'trial {trial}: {h}x{w} {box} {size} {interp}')
+
+
+def test_pil_records_give_the_same_batches_as_array_records():
+    """``DecodedSource(pil=True)`` (what the pipelines read) hands the transforms the decoded PIL image instead of a
+    numpy copy: the transforms' outputs are identical, bad records are still replaced and flagged."""
+    import io
+
+    records = []
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.fromarray(_photo_like(i)).save(buf, format='PNG')
+        records.append({'image': buf.getvalue(), 'label': i})
+    records[2] = {'image': b'not an image', 'label': 2}
+    transform = transforms.PretrainTransform(input_size=32, second_input_size=32, patch_size=8, num_masked_patches=4,
+                                             min_mask_patches_per_block=2)
+    arrays, pils = transforms.DecodedSource(records), transforms.DecodedSource(records, pil=True)
+    for index in range(6):
+        a, p = arrays[index], pils[index]
+        assert isinstance(p['image'], Image.Image) and isinstance(a['image'], np.ndarray)
+        assert a['bad_records'] == p['bad_records'] == (index == 2)
+        out_a = transform.random_map(a, np.random.default_rng(index))
+        out_p = transform.random_map(p, np.random.default_rng(index))
+        for key in out_a:
+            np.testing.assert_array_equal(out_a[key], out_p[key])

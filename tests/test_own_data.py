@@ -215,3 +215,14 @@ def test_summary_reports_the_raw_pixel_baseline(tmp_path, capsys):
     assert "raw pixels (input view)" in text and "baseline: raw pixels of the input view" in text
     line = [l for l in text.splitlines() if l.strip().startswith("baseline")][0]
     assert "95.50" in line and "97.25" in line
+
+
+def test_summary_omits_tokenizer_eval_usage_when_vqkd_ran_no_eval(tmp_path):
+    from beitv2_jax.train.tasks import demo
+
+    no_eval = {"vqkd": {"first_rec_loss": 0.65, "rec_loss": 0.04}}  # vqkd.eval_every_epochs=0
+    line = [l for l in demo.print_summary(no_eval, {}, str(tmp_path)).splitlines() if "VQ-KD" in l][0]
+    assert line.strip() == "VQ-KD: rec_loss 0.6500 -> 0.0400" and "nan" not in line
+    with_eval = {"vqkd": {**no_eval["vqkd"], "eval/codebook_usage": 0.84375}}
+    line = [l for l in demo.print_summary(with_eval, {}, str(tmp_path)).splitlines() if "VQ-KD" in l][0]
+    assert line.endswith(", eval code usage 84.4%")

@@ -79,6 +79,10 @@ def bench_input_pipeline(config: ml_collections.ConfigDict, batch_size: int, num
         transform = transforms.TokenizerTrainTransform(input_size=data.input_size,
                                                        min_crop_scale=data.tokenizer_min_crop_scale,
                                                        interpolation=data.interpolation)
+    # As the tasks read it (pipeline._make_iterator): decoded records, bad ones replaced and counted. The "before"
+    # reference decodes to a numpy copy as the pipeline did before (the transforms then re-wrap it for PIL).
+    source = transforms.DecodedSource(source, pil=not reference)
+    transform = transforms.count_bad_records(transform)
     ds = pipeline.make_dataset(source, transform=transform, global_batch_size=batch_size, process_index=0,
                                process_count=1, seed=0, num_workers=workers, read_threads=data.read_threads,
                                prefetch_batches=data.prefetch_batches)

@@ -36,9 +36,9 @@ def adjust_hue(image: Image.Image, hue_factor: float) -> Image.Image:
     wrap-around)."""
     if not -0.5 <= hue_factor <= 0.5:
         raise ValueError(f"hue_factor {hue_factor} is not in [-0.5, 0.5]")
-    h, s, v = image.convert("HSV").split()
-    shifted = np.asarray(h, np.uint8) + np.int32(hue_factor * 255).astype(np.uint8)
-    return Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8), "L"), s, v)).convert(image.mode)
+    hsv = np.array(image.convert("HSV"), np.uint8)  # one copy, [H, W, 3]; no split / merge of three bands
+    hsv[..., 0] += np.int32(hue_factor * 255).astype(np.uint8)  # uint8 arithmetic wraps around as torchvision's
+    return Image.fromarray(hsv, "HSV").convert(image.mode)
 
 
 def color_jitter_with_hue(image: Image.Image, rng: np.random.Generator, brightness: float = 0.4,
@@ -202,7 +202,8 @@ def make_ibot_iterator(config: ml_collections.ConfigDict, global_batch_size: int
     data = config.data
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    source = transforms.DecodedSource(sources.open_source(data.dataset, data.train_split, data.data_dir))
+    source = transforms.DecodedSource(sources.open_source(data.dataset, data.train_split, data.data_dir),
+                                      pil=True)  # MultiCropTransform starts with decode_image
     transform = transforms.count_bad_records(multicrop_transform(config))
     ds = pipeline.make_dataset(source, transform=transform, global_batch_size=global_batch_size,
                                process_index=process_index, process_count=process_count, seed=seed,

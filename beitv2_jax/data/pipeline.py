@@ -268,7 +268,8 @@ def pretrain_transform(data_config: ml_collections.ConfigDict) -> transforms.Pre
 def _make_iterator(data_config, split, transform, global_batch_size, seed, process_index,
                    process_count, **kwargs) -> BatchIterator:
     process_index, process_count = _process_layout(process_index, process_count)
-    source = transforms.DecodedSource(sources.open_source(data_config.dataset, split, data_config.data_dir))
+    source = transforms.DecodedSource(sources.open_source(data_config.dataset, split, data_config.data_dir),
+                                      pil=True)  # every transform here starts with decode_image
     ds = make_dataset(source, transform=transform, global_batch_size=global_batch_size,
                       process_index=process_index, process_count=process_count, seed=seed,
                       num_workers=data_config.num_workers, read_threads=data_config.read_threads,

@@ -104,6 +104,7 @@ def eval_pass(fn: Callable, iterator: Iterator[dict], mesh, desc: str = "eval") 
     one entry per batch."""
     outputs = []
     for batch in progress.track(iterator, desc, unit="batch"):
+        batch = dict(batch)  # the caller's batches stay whole (``knn.eval_batches`` are read more than once)
         valid = np.asarray(batch.pop("valid"))
         out = fn(sharding.to_global_batch(batch, mesh))
         if jax.process_count() > 1:  # every process gets the whole global batch

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from beitv2_jax import storage
-from beitv2_jax.data import on_device, pipeline, sources
+from beitv2_jax.data import on_device, sources
 from beitv2_jax.models import teachers as teachers_lib
 from beitv2_jax.models import vit
 from beitv2_jax.train import metrics as metrics_lib
@@ -62,7 +62,8 @@ def stage_config(stage: ml_collections.ConfigDict, config: ml_collections.Config
 
 
 def beit_features(model_cfg: dict, params, pooling: str):
-    """A feature function ``images → [B, D]`` for a BEiT pretraining model's backbone + final norm."""
+    """A feature function ``images → [B, D]`` for a BEiT pretraining model's backbone + final norm (``pooling``
+    ``cls``, ``mean`` of the patch tokens, or ``cls+mean``: both concatenated, ``[B, 2·D]``)."""
     model = pretrain.build_model(model_cfg)
     bb = model.backbone
 
@@ -70,7 +71,8 @@ def beit_features(model_cfg: dict, params, pooling: str):
         out = bb.apply({"params": params["backbone"]}, images)
         x = teachers_lib._layer_norm(out["pre_norm"], params["norm"]["scale"], params["norm"]["bias"],
                                      bb.layer_norm_eps)
-        return x[:, 0] if pooling == "cls" else x[:, 1:].mean(1)
+        pooled = {"cls": x[:, 0], "mean": x[:, 1:].mean(1)}
+        return jnp.concatenate([pooled[p] for p in pooling.split("+")], axis=-1)
 
     return features, bb
 
@@ -96,15 +98,32 @@ def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_d
     probe_settings = linear_probe.ProbeSettings(probe.epochs, probe.batch_size, probe.optim.to_dict(), config.seed,
                                                 probe.get("standardize", False))
 
-    def knn_of(name, feature_fn):
+    # Every feature below reads the same images: one pass of the input pipeline per split, held in memory.
+    images = {split: knn.eval_batches(data, split, batch) for split in (data.train_split, data.eval_split)}
+
+    def features_of(name, feature_fn):
+        """(train, test) features of ``feature_fn``: ``([n, D], labels)`` each."""
+        return tuple(knn.extract_features(feature_fn, data, split, batch, mesh, desc=f"{name}: {part} features",
+                                          batches=images[split])
+                     for split, part in ((data.train_split, "train"), (data.eval_split, "test")))
+
+    def knn_of(name, feature_fn=None, features=None):
         """k-NN and a linear probe on the same cached features (train split → test split)."""
-        tr = knn.extract_features(feature_fn, data, data.train_split, batch, mesh, desc=f"{name}: train features")
-        te = knn.extract_features(feature_fn, data, data.eval_split, batch, mesh, desc=f"{name}: test features")
+        tr, te = features if features is not None else features_of(name, feature_fn)
         num_classes = int(max(tr[1].max(), te[1].max())) + 1
         results[name] = knn.knn_accuracy(*tr, *te, num_classes, config.eval.knn_k, config.eval.knn_temperature)
         probe_result = linear_probe.train_on_features(*tr, *te, num_classes, probe_settings,
                                                       desc=f"{name}: linear probe")
         results[name].update(linear_top1=probe_result["top1"], linear_top5=probe_result["top5"])
+
+    def knn_of_pools(name, model_cfg, params):
+        """``knn_of`` for the CLS and the mean-of-patches feature of a BEiT backbone, from one forward pass."""
+        both, _ = beit_features(model_cfg, params, "cls+mean")
+        tr, te = features_of(f"{name} (cls, mean)", both)
+        width = tr[0].shape[1] // 2
+        for i, pooling in enumerate(("cls", "mean")):
+            part = slice(i * width, (i + 1) * width)
+            knn_of(f"{name} ({pooling})", features=((tr[0][:, part], tr[1]), (te[0][:, part], te[1])))
 
     knn_of(RAW_PIXELS, raw_pixel_features)
     teacher = finetune.load_pretrained(teacher_dir)
@@ -116,25 +135,20 @@ def evaluate(config, workdir: str, teacher_dir: str, tokenizer_dir: str, model_d
     knn_of("iBOT ViT, random init (cls)", lambda x: teacher_features(random_teacher, x))
 
     variables, _, model_cfg = store.load_variables(model_dir)
-    for pooling in ("cls", "mean"):
-        fn, _ = beit_features(model_cfg, variables["params"], pooling)
-        knn_of(f"BEiT v2 encoder ({pooling})", fn)
+    knn_of_pools("BEiT v2 encoder", model_cfg, variables["params"])
     model = pretrain.build_model(model_cfg)
     size, n = data.input_size, model.backbone.num_patches
     mask = jnp.zeros((1, n), bool).at[:, :data.num_masked_patches].set(True)
     random_params = flax.linen.meta.unbox(
         model.init(jax.random.PRNGKey(config.seed + 7), jnp.zeros((1, size, size, 3)), mask)["params"])
-    for pooling in ("cls", "mean"):
-        fn, _ = beit_features(model_cfg, random_params, pooling)
-        knn_of(f"same encoder, random init ({pooling})", fn)
+    knn_of_pools("same encoder, random init", model_cfg, random_params)
 
     # Token maps of a few test images and the code usage over the test split.
     tokenizer, tok_vars = vqkd.load_tokenizer(tokenizer_dir)
-    iterator = pipeline.make_eval_iterator(data, batch)
     index_fn = jax.jit(lambda b: {"ids": tokenizer.apply(tok_vars, on_device.unit_float(b["image"]),
                                                          method="get_codebook_indices"),
                                   "image": on_device.unit_float(b["image"])})
-    outs = common.eval_pass(index_fn, iterator, mesh, "tokenizer: test-split codes")
+    outs = common.eval_pass(index_fn, images[data.eval_split], mesh, "tokenizer: test-split codes")
     ids = np.concatenate([o["ids"] for o in outs])
     counts = np.bincount(ids.reshape(-1), minlength=tokenizer.num_codes)
     common.usage_histogram_png(counts, storage.join(workdir, "codebook_usage.png"), "test-split code usage")
@@ -193,8 +207,9 @@ def print_summary(results: dict, stage_times: dict, workdir: str) -> str:
                      f"patch {b.get('patch', nan):.3f})")
     v = results.get("vqkd", {})
     if v:
-        lines.append(f"  VQ-KD: rec_loss {v.get('first_rec_loss', float('nan')):.4f} -> {v.get('rec_loss', float('nan')):.4f}"
-                     f", eval code usage {100 * v.get('eval/codebook_usage', float('nan')):.1f}%")
+        usage = v.get("eval/codebook_usage")  # absent with vqkd.eval_every_epochs=0
+        lines.append(f"  VQ-KD: rec_loss {v.get('first_rec_loss', nan):.4f} -> {v.get('rec_loss', nan):.4f}"
+                     + (f", eval code usage {100 * usage:.1f}%" if usage is not None else ""))
     p = results.get("pretrain", {})
     if p:
         lines.append(f"  BEiT v2: loss {p.get('first_loss', float('nan')):.3f} -> {p.get('loss', float('nan')):.3f}, "
