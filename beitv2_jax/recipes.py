@@ -277,7 +277,7 @@ def demo_segment() -> ml_collections.ConfigDict:
     c.data.input_size = 32
     c.data.patch_size = 4
     c.data.num_workers = 0
-    c.data.read_threads = 2
+    c.data.read_threads = 1  # tiny records: a second thread only fights for the GIL (configs/demo.py)
     c.batch_size = 32
     c.eval_batch_size = 100
     c.num_steps = 150
@@ -415,7 +415,7 @@ def ibot_demo() -> ml_collections.ConfigDict:
     c.data.num_masked_patches = 24  # BEiT keys of the shared data section: unused by iBOT, kept valid
     c.data.min_mask_patches_per_block = 4
     c.data.num_workers = 0
-    c.data.read_threads = 2
+    c.data.read_threads = 1  # tiny records: a second thread only fights for the GIL (configs/demo.py)
     c.batch_size = 128
     c.num_epochs = 6
     c.log_every_steps = 13
