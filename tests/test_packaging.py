@@ -46,7 +46,10 @@ def test_one_version():
     citation = (REPO / "CITATION.cff").read_text()
     changelog = (REPO / "CHANGELOG.md").read_text()
     assert f'version: "{beitv2_jax.__version__}"' in citation
-    assert re.search(r"^## (\S+)", changelog, re.M).group(1) == beitv2_jax.__version__
+    headings = re.findall(r"^## (\S+)", changelog, re.M)
+    if headings[0] == "Unreleased":  # keep-a-changelog: pending changes sit above the latest release
+        headings = headings[1:]
+    assert headings[0] == beitv2_jax.__version__ and "Unreleased" not in headings
     license_text = (REPO / "LICENSE").read_text()
     assert "MIT License" in license_text and "The beitv2_jax authors" in license_text
 
