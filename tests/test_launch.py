@@ -68,7 +68,9 @@ def stubs(tmp_path):
         _write_exe(bin_dir / name, RECORDER.format(python=sys.executable))
     _write_exe(bin_dir / "scontrol", SCONTROL)
     log = tmp_path / "calls.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_NAME", "PROJECT_ID", "ZONE"))}
+    # the launchers add the caller's XLA_FLAGS to theirs: these tests expect none (the suite sets its own, conftest)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TPU_NAME", "PROJECT_ID", "ZONE", "XLA_FLAGS"))}
     env.update(PATH=f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}", STUB_LOG=str(log), TMPDIR=str(tmp_path))
     return env, log
 
