@@ -14,15 +14,14 @@ import pytest
 from beitv2_jax import distributed
 from beitv2_jax.train import sharding
 
-from conftest import REPO_ROOT, hidden_torch_dir, make_random_tokenizer
+from conftest import CHEAP_XLA_FLAGS, REPO_ROOT, hidden_torch_dir, make_random_tokenizer
 
 
 @pytest.fixture(scope="module")
 def mesh_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mesh")
     # tiny programs: compiling dominates, so the cheaper LLVM settings (the same for every mesh) save ~30 s
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-               "--xla_llvm_disable_expensive_passes=true", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {CHEAP_XLA_FLAGS}", JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tests", "scripts", "mesh_equivalence.py"),
                         str(tmp / "out.npz"), str(tmp / "ckpt")], env=env, capture_output=True, text=True,
                        timeout=900)
