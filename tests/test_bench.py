@@ -209,7 +209,9 @@ def test_synthetic_inputs_follow_the_real_contracts():
     src = bench.SyntheticJpegSource(num=2, height=60, width=80)
     from beitv2_jax.data import transforms
 
-    assert len(src) == 2 and transforms.decode_image(src[1]["image"]).size == (80, 60)
+    assert len(src) == 1_281_167 and transforms.decode_image(src[1]["image"]).size == (80, 60)
+    assert src[5]["image"] == src[1]["image"] != src[0]["image"]  # ImageNet's length over 2 distinct JPEGs
+    assert len(bench.SyntheticJpegSource(num=2, height=60, width=80, length=2)) == 2
 
 
 def test_stage_selection_errors():

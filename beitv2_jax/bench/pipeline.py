@@ -13,15 +13,24 @@ import numpy as np
 from beitv2_jax.data import transforms
 
 # ----------------------------------------------------------------------------------------------- input pipeline
+IMAGENET_TRAIN_RECORDS = 1_281_167
+
+
 class SyntheticJpegSource:
-    """``num`` random-noise JPEGs of ``height × width`` (ImageNet's typical 500×375), as encoded bytes records.
+    """``length`` records cycling over ``num`` random-noise JPEGs of ``height × width`` (ImageNet's typical
+    500×375), as encoded bytes records.
 
     Used when the config's dataset is not prepared on this machine, so the decode + augment cost stays realistic.
+    ``length`` defaults to ImageNet-1k's train split: grain's shuffle (``index_shuffle``) costs per record about
+    4 µs at that size but 0.4 ms at 64 records (it walks cycles of a larger permutation), so a 64-record source
+    would time an artefact of tiny data sets (docs/benchmarks.md §2.3).
     """
 
-    def __init__(self, num: int = 64, height: int = 375, width: int = 500, seed: int = 0):
+    def __init__(self, num: int = 64, height: int = 375, width: int = 500, seed: int = 0,
+                 length: int = IMAGENET_TRAIN_RECORDS):
         from PIL import Image
 
+        self.length = length
         rng = np.random.default_rng(seed)
         self.records = []
         for i in range(num):
@@ -33,7 +42,7 @@ class SyntheticJpegSource:
             self.records.append({"image": buf.getvalue(), "label": i % 1000})
 
     def __len__(self):
-        return len(self.records)
+        return self.length
 
     def __getitem__(self, index):
         return self.records[index % len(self.records)]
