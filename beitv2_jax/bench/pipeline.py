@@ -22,7 +22,7 @@ class SyntheticJpegSource:
 
     Used when the config's dataset is not prepared on this machine, so the decode + augment cost stays realistic.
     ``length`` defaults to ImageNet-1k's train split: grain's shuffle (``index_shuffle``) costs per record about
-    4 µs at that size but 0.4 ms at 64 records (it walks cycles of a larger permutation), so a 64-record source
+    5 µs at that size but 0.4 ms at 64 records (it walks cycles of a larger permutation), so a 64-record source
     would time an artefact of tiny data sets (docs/benchmarks.md §2.3).
     """
 
