@@ -77,6 +77,43 @@ def pad_bias_to(bias: jax.Array, tokens: int) -> jax.Array:
     return jnp.pad(bias, lead + ((0, 0), (0, extra)), constant_values=-1e9)
 
 
+def sum_leading_axis_pairwise(x: jax.Array) -> jax.Array:
+    """``x.sum(0)`` as log₂(n) rounds of adding adjacent rows (pairwise summation): ``[n, ...]`` → ``[...]``.
+
+    XLA:CPU runs a leading-axis reduce of a ``[B, H, T, T]`` array as a YNNPACK fusion at ≈ 1 GB/s (1.2 ms for one
+    ``[32, 4, 65, 65]`` float32 array on 2 cores); the same sum as elementwise adds streams at memory speed
+    (0.14 ms). Adjacent rows (not halves) are added so that a batch sharded over a mesh stays local until the
+    rows left are as few as the shards.
+    """
+    leftover = None
+    while x.shape[0] > 1:
+        if x.shape[0] % 2:
+            leftover = x[-1] if leftover is None else leftover + x[-1]
+            x = x[:-1]
+        x = x.reshape(x.shape[0] // 2, 2, *x.shape[1:])
+        x = x[:, 0] + x[:, 1]
+    return x[0] if leftover is None else x[0] + leftover
+
+
+@jax.custom_vjp
+def add_batch_shared_bias(logits: jax.Array, bias: jax.Array) -> jax.Array:
+    """``logits [B, H, T, T] + bias [H, T, T]`` (one bias for every example); the bias gradient, a sum over the
+    batch, is taken by :func:`sum_leading_axis_pairwise` (same value as autodiff's reduce, another summation
+    order)."""
+    return logits + bias[None]
+
+
+def _add_batch_shared_bias_fwd(logits, bias):
+    return logits + bias[None], None
+
+
+def _add_batch_shared_bias_bwd(_, grad):
+    return grad, sum_leading_axis_pairwise(grad)
+
+
+add_batch_shared_bias.defvjp(_add_batch_shared_bias_fwd, _add_batch_shared_bias_bwd)
+
+
 # ----------------------------------------------------------------------------------------------- initialisers
 def trunc_normal(std: float = 0.02, truncation: float = 1.0, scale: float = 1.0) -> Initializer:
     """Truncated normal N(0, std²) cut at ±``truncation``·std (no variance correction), times ``scale``.
@@ -249,7 +286,7 @@ class Attention(nn.Module):
             logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, precision=precision,
                                 preferred_element_type=jnp.float32)
             if bias is not None:
-                logits = logits + bias.astype(jnp.float32)[None]
+                logits = add_batch_shared_bias(logits, bias.astype(jnp.float32))
             weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         elif impl in ("xla", "cudnn"):
