@@ -71,7 +71,6 @@ def test_attention_impls_and_remat_agree_with_einsum():
         np.testing.assert_allclose(out, ref, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
-
 @pytest.mark.parametrize("rows", [1, 2, 5, 32, 37])
 def test_pairwise_leading_sum_equals_sum(rows):
     x = jax.random.normal(jax.random.PRNGKey(rows), (rows, 3, 5, 5))
@@ -92,7 +91,7 @@ def _reduces_over_batch_of_logits(jaxpr, batch, tokens):
 
 
 def test_shared_bias_gradient_matches_autodiff_without_a_batch_reduce():
-    # XLA:CPU runs a leading-axis reduce of [B, H, T, T] at ≈ 1 GB/s (9 ms of a 100 ms demo step on 2 cores), so the
+    # XLA:CPU runs a leading-axis reduce of [B, H, T, T] at 1–2 GB/s (9 ms of a 100 ms demo step on 2 cores), so the
     # einsum path takes the bias gradient as pairwise adds; the gradients must equal the XLA path's autodiff.
     x = jax.random.normal(jax.random.PRNGKey(1), (6, 32, 32, 3))
     model = _tiny()
@@ -109,6 +108,7 @@ def test_shared_bias_gradient_matches_autodiff_without_a_batch_reduce():
     assert float(jnp.abs(table).max()) > 0
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss(p, model)))(params).jaxpr
     assert not _reduces_over_batch_of_logits(jaxpr, batch=6, tokens=17)
+
 
 def test_mask_token_replaces_only_masked_patches():
     model = _tiny(depth=0 + 1)
