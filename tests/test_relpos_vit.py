@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
 from beitv2_jax.models import relpos, vit
 
@@ -81,7 +82,7 @@ def _reduces_over_batch_of_logits(jaxpr, batch, tokens):
     """reduce_sum eqns (any nesting) whose operand is a ``[batch, heads, tokens, tokens]`` array reduced over axis 0."""
     found = []
     for eqn in jaxpr.eqns:
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jaxprs_in_params(eqn.params):
             found += _reduces_over_batch_of_logits(sub, batch, tokens)
         shape = eqn.invars[0].aval.shape if eqn.invars else ()
         if eqn.primitive.name == "reduce_sum" and 0 in eqn.params["axes"] and len(shape) == 4 \
